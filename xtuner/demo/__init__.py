@@ -1,0 +1,112 @@
+"""Offline builders for the demo and the tests: a tiny BPE tokenizer and tiny HF models.
+
+No model hub is needed: the tokenizer is trained on the bundled demo data in about a
+second, and models are built from configs with random weights, then saved with
+``save_pretrained`` so the real loading code (``from_pretrained``) reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import os.path as osp
+
+DEMO_DIR = osp.dirname(osp.abspath(__file__))
+DEMO_DATA = osp.join(DEMO_DIR, "data", "demo_alpaca.jsonl")
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
+
+
+def _corpus(paths: list[str]) -> list[str]:
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                texts.extend(str(v) for v in record.values() if isinstance(v, str))
+    return texts
+
+
+def build_tiny_tokenizer(save_dir: str, vocab_size: int = 512, corpus: list[str] | None = None):
+    """Trains a byte-level BPE tokenizer and saves it as an HF tokenizer.
+
+    Args:
+        save_dir: where ``save_pretrained`` writes it.
+        vocab_size: BPE vocabulary size, special tokens included.
+        corpus: training texts; the bundled demo data when None.
+
+    Returns:
+        The loaded ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = corpus if corpus is not None else _corpus([DEMO_DATA])
+    # A few characters beyond the data, so template text (Chinese system prompts) encodes.
+    texts = texts + ["你好，世界。请回答问题。", "System: User: Assistant: ### Human: ### Response:"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    os.makedirs(save_dir, exist_ok=True)
+    fast.save_pretrained(save_dir)
+    return fast
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A Llama config small enough to train on a CPU in seconds."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_tiny_llama(save_dir: str, vocab_size: int, seed: int = 0, **overrides):
+    """Builds a random tiny Llama and saves it (safetensors, fp32)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size, **overrides))
+    os.makedirs(save_dir, exist_ok=True)
+    model.save_pretrained(save_dir)
+    return model
+
+
+def prepare_demo(root: str, force: bool = False, **model_overrides) -> dict[str, str]:
+    """Writes the demo tokenizer and model under ``root`` (once) and returns their paths."""
+    tok_dir = osp.join(root, "tokenizer")
+    model_dir = osp.join(root, "model")
+    if force or not osp.exists(osp.join(model_dir, "config.json")):
+        tokenizer = build_tiny_tokenizer(tok_dir)
+        tokenizer.save_pretrained(model_dir)
+        build_tiny_llama(model_dir, len(tokenizer), **model_overrides)
+    return {"tokenizer": tok_dir, "model": model_dir, "data": DEMO_DATA}

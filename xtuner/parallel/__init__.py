@@ -1,0 +1,1 @@
+"""Everything that talks to ``torch.distributed`` lives under this package."""

@@ -1,0 +1,14 @@
+"""Registries: one per kind of component a config can name by string.
+
+``BUILDER`` builds anything a config names (mmengine objects, HF classes, our own);
+``MAP_FUNC`` holds dataset map functions; ``LOSSES`` holds loss modules. Configs may give a
+class, a registered name, or a dotted import path (``'my_pkg.losses.MyLoss'``).
+"""
+
+from mmengine.registry import Registry
+
+__all__ = ["BUILDER", "MAP_FUNC", "LOSSES"]
+
+BUILDER = Registry("builder")
+MAP_FUNC = Registry("map_fn")
+LOSSES = Registry("loss", locations=["xtuner.model.losses"])
