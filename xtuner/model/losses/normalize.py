@@ -55,7 +55,7 @@ def finalize_loss(
         group_den = sp_all_reduce_sum(local_den)
         shown = _safe_div(sp_all_reduce_sum(term.value), group_den)
         if loss_denominator is not None and term.weight_key in loss_denominator:
-            grad_part = term.value / loss_denominator[term.weight_key].to(term.value)
+            grad_part = _safe_div(term.value, loss_denominator[term.weight_key].to(term.value))
         else:
             # Data-parallel averaging also divides by the sequence-parallel ranks, which all
             # hold parts of the same sequence: multiply back by sp.

@@ -1,0 +1,234 @@
+"""Fixes for mmengine 0.10.7 (no longer updated) on the current torch/deepspeed/setuptools.
+
+Each fix is applied once by :func:`apply_patches` (called when :mod:`xtuner` is imported)
+and is idempotent. Every fix has a test in ``tests/test_compat.py`` that fails without it.
+
+1. Checkpoints: ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, and
+   mmengine checkpoints hold ``HistoryBuffer`` and numpy objects. Paths the user named
+   (``--resume``, ``load_from``, the work dir) are registered as trusted with
+   :func:`trust_checkpoint_path` and loaded with ``weights_only=False``; any other path keeps
+   torch's safe default.
+2. Distributed on CPU: ``mmengine.dist`` calls ``torch.cuda.set_device`` unconditionally and
+   asks for NCCL; ``Runner.wrap_model`` passes ``device_ids`` to DDP. Without CUDA we use
+   gloo, skip ``set_device`` and drop ``device_ids``.
+3. deepspeed >= 0.19 removed ``deepspeed.runtime.fp16.onebit``, which mmengine's DeepSpeed
+   strategy imports: an import hook serves a stand-in module only when the real one is
+   missing (its optimizers raise a clear error if a config asks for them).
+4. setuptools >= 81 removed ``pkg_resources``, which mmengine uses to find installed
+   packages (``pkg::`` config paths): rewritten on :mod:`importlib.metadata`.
+5. ``AmpOptimWrapper`` asserts that a GPU exists: :func:`adapt_config_to_device` swaps it
+   (and flash attention) for what the machine has, with a one-line warning each.
+6. ``IterBasedTrainLoop`` sleeps 2 s whenever its dataloader restarts an epoch:
+   :class:`xtuner.engine.runner.TrainLoop` iterates without that sleep.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import os
+import os.path as osp
+import sys
+import types
+
+import torch
+
+_APPLIED = False
+_TRUSTED: set[str] = set()
+
+
+# 1. trusted checkpoint loading -------------------------------------------------------------
+def trust_checkpoint_path(path: str) -> None:
+    """Allows full unpickling of checkpoints at or under ``path`` (a file or folder)."""
+    _TRUSTED.add(osp.realpath(osp.expanduser(path)))
+
+
+def is_trusted_checkpoint(path: str) -> bool:
+    real = osp.realpath(osp.expanduser(path))
+    return any(real == root or real.startswith(root + os.sep) for root in _TRUSTED)
+
+
+def load_local_checkpoint(filename: str, map_location=None):
+    """mmengine's local loader, with ``weights_only=False`` for trusted paths only."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f"checkpoint {filename} does not exist")
+    weights_only = not is_trusted_checkpoint(filename)
+    return torch.load(filename, map_location=map_location, weights_only=weights_only)
+
+
+def _patch_checkpoint_loader() -> None:
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes="", loader=load_local_checkpoint, force=True)
+
+
+# 2. distributed on CPU ----------------------------------------------------------------------
+def _init_dist_pytorch_cpu_aware(backend="nccl", init_backend="torch", **kwargs) -> None:
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        return _ORIGINAL["init_dist_pytorch"](backend, init_backend=init_backend, **kwargs)
+    if init_backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", **kwargs)
+    else:
+        dist.init_process_group(backend="gloo", **kwargs)
+
+
+_ORIGINAL: dict = {}
+
+
+def _patch_dist() -> None:
+    import mmengine.dist.utils as dist_utils
+    from mmengine.model.wrappers.distributed import MMDistributedDataParallel
+
+    _ORIGINAL.setdefault("init_dist_pytorch", dist_utils._init_dist_pytorch)
+    dist_utils._init_dist_pytorch = _init_dist_pytorch_cpu_aware
+
+    original_init = MMDistributedDataParallel.__init__
+    if getattr(original_init, "_xtuner_cpu_aware", False):
+        return
+
+    def __init__(self, module, detect_anomalous_params=False, **kwargs):
+        first = next(module.parameters(), None)
+        if first is not None and first.device.type == "cpu":
+            kwargs.pop("device_ids", None)
+            kwargs.pop("output_device", None)
+        original_init(self, module, detect_anomalous_params=detect_anomalous_params, **kwargs)
+
+    __init__._xtuner_cpu_aware = True
+    MMDistributedDataParallel.__init__ = __init__
+
+
+# 3. deepspeed.runtime.fp16.onebit -----------------------------------------------------------
+_ONEBIT = "deepspeed.runtime.fp16.onebit"
+
+
+class _MissingOptimizer:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{type(self).__name__} was removed from deepspeed {_deepspeed_version()}; "
+            "choose another optimizer in the config (e.g. torch.optim.AdamW)"
+        )
+
+
+def _deepspeed_version() -> str:
+    try:
+        return importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+class _OnebitFallbackFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Consulted last: serves the stand-in only when no real module was found."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _ONEBIT:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        for name in ("OnebitAdam", "OnebitLamb", "ZeroOneAdam"):
+            setattr(module, name, type(name, (_MissingOptimizer,), {}))
+        return module
+
+    def exec_module(self, module):
+        return None
+
+
+def _patch_deepspeed_onebit() -> None:
+    if not any(isinstance(f, _OnebitFallbackFinder) for f in sys.meta_path):
+        sys.meta_path.append(_OnebitFallbackFinder())
+
+
+# 4. pkg_resources ---------------------------------------------------------------------------
+def is_installed(package: str) -> bool:
+    """Whether a distribution or an importable module of that name exists."""
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        spec = importlib.util.find_spec(package)
+        return spec is not None and spec.origin is not None
+
+
+def get_installed_path(package: str) -> str:
+    """Folder of an installed package's module (as mmengine's ``pkg::`` paths need)."""
+    from mmengine.utils.package_utils import package2module
+
+    try:
+        module = package2module(package)
+    except Exception:
+        module = package
+    spec = importlib.util.find_spec(module) or importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"{package} is not installed")
+    return osp.dirname(spec.origin)
+
+
+def _package2module(package: str) -> str:
+    dist = importlib.metadata.distribution(package)
+    top = dist.read_text("top_level.txt")
+    if top:
+        return top.split("\n")[0]
+    files = dist.files or []
+    for f in files:
+        if f.name == "__init__.py" and len(f.parts) == 2:
+            return f.parts[0]
+    raise ValueError(f"cannot infer the module name of {package}")
+
+
+def _patch_pkg_resources() -> None:
+    import mmengine.config.config as config_mod
+    import mmengine.utils as utils_mod
+    import mmengine.utils.package_utils as pkg_utils
+
+    for mod in (pkg_utils, utils_mod, config_mod):
+        if hasattr(mod, "is_installed"):
+            mod.is_installed = is_installed
+        if hasattr(mod, "get_installed_path"):
+            mod.get_installed_path = get_installed_path
+    pkg_utils.package2module = _package2module
+
+
+# 5. configs that ask for a GPU --------------------------------------------------------------
+def flash_attn_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def adapt_config_to_device(cfg) -> list[str]:
+    """Rewrites GPU-only choices of a config for this machine; returns one line per change."""
+    changes: list[str] = []
+    optim = cfg.get("optim_wrapper")
+    if optim is not None and not torch.cuda.is_available():
+        wrapper = optim.get("type")
+        name = wrapper if isinstance(wrapper, str) else getattr(wrapper, "__name__", "")
+        if name == "AmpOptimWrapper":
+            optim["type"] = "OptimWrapper"
+            for key in ("dtype", "loss_scale", "use_fsdp"):
+                optim.pop(key, None)
+            changes.append("AmpOptimWrapper needs a GPU: training in fp32 with OptimWrapper")
+    model = cfg.get("model")
+    llm = model.get("llm") if model is not None else None
+    if isinstance(llm, dict) and llm.get("attn_implementation") == "flash_attention_2":
+        if not flash_attn_available():
+            llm["attn_implementation"] = "sdpa"
+            changes.append("flash-attn is not usable here: attention falls back to sdpa")
+    return changes
+
+
+def apply_patches() -> None:
+    """Applies fixes 1-4 (5 and 6 act where configs are read and loops run)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _patch_deepspeed_onebit()
+    _patch_pkg_resources()
+    _patch_checkpoint_loader()
+    _patch_dist()
+    _APPLIED = True

@@ -1,0 +1,28 @@
+"""Saves the trained model in HF format when training ends."""
+
+from __future__ import annotations
+
+import os.path as osp
+
+from mmengine.dist import master_only
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class HFCheckpointHook(Hook):
+    """Args: out_dir: where to save (default ``<work_dir>/hf_model``)."""
+
+    priority = "VERY_LOW"
+
+    def __init__(self, out_dir: str | None = None):
+        self.out_dir = out_dir
+
+    @master_only
+    def after_run(self, runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        out_dir = self.out_dir or osp.join(runner.work_dir, "hf_model")
+        model.to_hf(runner.cfg, out_dir, fp32=True)
+        print_log(f"saved the HF-format model to {out_dir}", "current")

@@ -1,0 +1,305 @@
+"""SupervisedFinetune: builds the language model (full, LoRA or QLoRA) and runs its loss."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import MessageHub, print_log
+from mmengine.model import BaseModel
+from torch import Tensor, nn
+
+from xtuner.parallel.sequence import get_sequence_parallel_world_size
+from xtuner.registry import BUILDER
+from xtuner.utils.constants import IGNORE_INDEX
+
+from .losses import LossContext, build_loss, compute_weights, finalize_loss
+from .utils import (
+    LoadWoInit,
+    build_nested,
+    find_all_linear_names,
+    prepare_llm_config,
+    resolve_head,
+)
+
+#: batch fields that only the loss reads (never passed to the language model).
+LOSS_ONLY_FIELDS = ("labels", "loss_weight", "loss_denominator", "cumulative_len", "max_seqlen")
+
+
+def shift_labels(labels: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """Next-token targets: ``out[:, t] = labels[:, t + 1]``, ignored at the end.
+
+    When ``position_ids`` restart at 0 (a new packed document), the last token of the previous
+    document gets no target: documents never predict each other.
+    """
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        starts = position_ids.expand_as(labels)[:, 1:] == 0
+        shifted[:, :-1] = shifted[:, :-1].masked_fill(starts, IGNORE_INDEX)
+    return shifted
+
+
+def shift_tokens(values: Tensor) -> Tensor:
+    """Shifts a per-token tensor like the labels (``out[:, t] = values[:, t + 1]``)."""
+    out = torch.zeros_like(values)
+    out[:, :-1] = values[:, 1:]
+    return out
+
+
+class SupervisedFinetune(BaseModel):
+    """Supervised fine-tuning of a causal language model, with a pluggable loss.
+
+    Args:
+        llm: the model, or a config dict (e.g. ``dict(type=AutoModelForCausalLM.from_pretrained,
+            pretrained_model_name_or_path=..., dtype=torch.bfloat16)``; ``torch_dtype`` is
+            accepted too; a ``quantization_config=dict(type=BitsAndBytesConfig, ...)`` gives
+            QLoRA).
+        lora: a ``LoraConfig`` or its config dict; ``target_modules=None`` targets every
+            Linear but the output head.
+        peft_model: path of a trained adapter to start from.
+        use_activation_checkpointing: recompute activations in backward to save memory.
+        use_varlen_attn: packed documents attend only within themselves.
+        tokenizer: when given, embeddings are resized to its length (padded to a multiple
+            of 64, new rows mean-initialised).
+        max_position_embeddings: extend the context with linear RoPE scaling.
+        loss: the loss config (see :func:`xtuner.model.losses.build_loss`); None is
+            cross-entropy equal to the HF model's own loss.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        lora: Any = None,
+        peft_model: str | None = None,
+        use_activation_checkpointing: bool = True,
+        use_varlen_attn: bool = False,
+        tokenizer: Any = None,
+        max_position_embeddings: int | None = None,
+        loss: Any = None,
+    ):
+        super().__init__()
+        self.llm = self._build_llm(llm, max_position_embeddings)
+        self.llm.config.use_cache = False
+        if tokenizer is not None:
+            self._resize_embeddings(tokenizer)
+        self.use_activation_checkpointing = use_activation_checkpointing
+        self.use_varlen_attn = use_varlen_attn
+        self.use_lora = lora is not None or peft_model is not None
+        if self.use_lora:
+            self._prepare_lora(lora, peft_model, use_activation_checkpointing)
+        if use_activation_checkpointing:
+            self.gradient_checkpointing_enable()
+        self.loss = build_loss(loss)
+        self._check_head()
+
+    # building ------------------------------------------------------------------------------
+    @staticmethod
+    def _build_llm(llm: Any, max_position_embeddings: int | None) -> nn.Module:
+        if isinstance(llm, nn.Module):
+            return llm
+        if not isinstance(llm, (dict, ConfigDict)):
+            raise TypeError(f"llm must be a model or a config dict, got {type(llm).__name__}")
+        cfg = prepare_llm_config(llm, max_position_embeddings)
+        path = cfg.get("pretrained_model_name_or_path")
+        if path is not None and not os.path.exists(str(path)) and os.environ.get("HF_HUB_OFFLINE"):
+            raise FileNotFoundError(
+                f"llm.pretrained_model_name_or_path={path!r} does not exist on this machine "
+                "(and the model hub is offline): give a local model folder"
+            )
+        with LoadWoInit():
+            return build_nested(cfg)
+
+    def _resize_embeddings(self, tokenizer: Any) -> None:
+        if isinstance(tokenizer, (dict, ConfigDict)):
+            tokenizer = BUILDER.build(tokenizer)
+        current = self.llm.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > current:
+            self.llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+            print_log(
+                f"resized token embeddings from {current} to "
+                f"{self.llm.get_input_embeddings().weight.shape[0]}",
+                logger="current",
+            )
+
+    def _prepare_lora(self, lora: Any, peft_model: str | None, checkpointing: bool) -> None:
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        quantized = getattr(self.llm, "is_loaded_in_4bit", False) or getattr(
+            self.llm, "is_loaded_in_8bit", False
+        )
+        if quantized:
+            self.llm = prepare_model_for_kbit_training(
+                self.llm, use_gradient_checkpointing=checkpointing
+            )
+        if peft_model is not None:
+            self.llm = PeftModel.from_pretrained(self.llm, peft_model, is_trainable=True)
+            return
+        if isinstance(lora, (dict, ConfigDict)):
+            lora = BUILDER.build(lora)
+        if getattr(lora, "target_modules", None) is None:
+            lora.target_modules = find_all_linear_names(self.llm)
+        self.llm = get_peft_model(self.llm, lora)
+
+    def _check_head(self) -> None:
+        config = self.llm.config
+        for key in ("final_logit_softcapping", "logit_scale"):
+            value = getattr(config, key, None)
+            if value not in (None, 1.0):
+                raise NotImplementedError(
+                    f"this model's config sets {key}={value}: its logits are post-processed, "
+                    "which the chunked loss does not reproduce yet"
+                )
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        if self.use_lora:
+            self.llm.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.llm.gradient_checkpointing_disable()
+
+    # parts of the language model ------------------------------------------------------------
+    @property
+    def base_llm(self) -> nn.Module:
+        """The HF CausalLM under any peft wrapper."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def backbone(self) -> nn.Module:
+        """The decoder that returns final hidden states (the CausalLM minus its head)."""
+        base = self.base_llm
+        return getattr(base, base.base_model_prefix, None) or base.get_decoder()
+
+    def output_head(self) -> nn.Module:
+        return resolve_head(self.base_llm.get_output_embeddings())
+
+    # forward -------------------------------------------------------------------------------
+    def forward(self, data: dict, data_samples=None, mode: str = "loss"):
+        if mode == "loss":
+            return self.compute_loss(data)
+        if mode == "predict":
+            logits = self._llm_forward(data).logits
+            return [{"logits": row} for row in logits]
+        if mode == "tensor":
+            return self._llm_forward(data)
+        raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
+
+    def _llm_forward(self, data: dict):
+        inputs = {k: v for k, v in data.items() if k not in LOSS_ONLY_FIELDS}
+        return self.llm(**inputs)
+
+    def _attention_inputs(self, data: dict) -> dict[str, Tensor | None]:
+        """input_ids/position_ids/attention_mask; the mask is dropped when it is all ones.
+
+        Without a mask, transformers builds the causal mask itself, and with position_ids
+        restarting at 0 it keeps packed documents apart (varlen attention).
+        """
+        mask = data.get("attention_mask")
+        if mask is not None and (self.use_varlen_attn or bool(mask.all())):
+            mask = None
+        position_ids = data.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(data["input_ids"].shape[1], device=data["input_ids"].device)
+            position_ids = position_ids.unsqueeze(0).expand_as(data["input_ids"])
+        return {"input_ids": data["input_ids"], "position_ids": position_ids, "attention_mask": mask}
+
+    def compute_loss(self, data: dict) -> dict[str, Tensor]:
+        """Shift, weigh, (split for sequence parallel,) run the backbone, apply the loss."""
+        if "labels" not in data:
+            raise KeyError("the batch has no 'labels': the dataset must produce them")
+        inputs = self._attention_inputs(data)
+        position_ids = inputs["position_ids"]
+        labels = shift_labels(data["labels"], position_ids)
+        loss_weight = data.get("loss_weight")
+        if loss_weight is not None:
+            loss_weight = shift_tokens(loss_weight)
+        weights = compute_weights(self.loss.weight_specs(), labels, position_ids, loss_weight)
+        extras = self.loss.extra_inputs(data, labels)
+        if get_sequence_parallel_world_size() > 1:
+            from xtuner.parallel.sequence import split_for_sequence_parallel
+
+            inputs, labels, weights, extras = split_for_sequence_parallel(
+                inputs, labels, weights, extras
+            )
+        hidden = self.backbone()(**inputs, use_cache=False).last_hidden_state
+        head = self.output_head()
+        ctx = LossContext(
+            hidden_states=hidden,
+            head_weight=head.weight,
+            head_bias=getattr(head, "bias", None),
+            labels=labels,
+            weights=weights,
+            extras=extras,
+            batch=data,
+            iteration=_current_iteration(),
+        )
+        return finalize_loss(self.loss(ctx), weights, data.get("loss_denominator"))
+
+    def loss_denominators(self, data: dict) -> dict[str, Tensor]:
+        """Sum of this batch's token weights per weight key (for global normalisation)."""
+        inputs = self._attention_inputs(data)
+        labels = shift_labels(data["labels"], inputs["position_ids"])
+        loss_weight = data.get("loss_weight")
+        if loss_weight is not None:
+            loss_weight = shift_tokens(loss_weight)
+        weights = compute_weights(
+            self.loss.weight_specs(), labels, inputs["position_ids"], loss_weight
+        )
+        return {key: w.sum().double() for key, w in weights.items()}
+
+    # checkpoints ---------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """Under LoRA only the trainable weights (adapters, ``modules_to_save``), with the
+        same key names as the full state dict, so ``load_state_dict(strict=False)`` restores
+        them."""
+        state = super().state_dict(*args, **kwargs)
+        if not self.use_lora:
+            return state
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+        return OrderedDict((k, v) for k, v in state.items() if k in trainable)
+
+    def to_hf(
+        self,
+        cfg: Config | None,
+        save_dir: str,
+        fp32: bool = False,
+        save_pretrained_kwargs: dict | None = None,
+        **kwargs,
+    ) -> None:
+        """Saves the model (or the LoRA adapter) in HF format, with the tokenizer if known."""
+        kwargs_ = dict(save_pretrained_kwargs or {})
+        llm = self.llm
+        if not fp32 and not self.use_lora:
+            dtype = torch.bfloat16 if _bf16_ok() else torch.float16
+            print_log(f"saving the model in {dtype} (pass fp32=True to keep fp32)", "current")
+            llm = llm.to(dtype)
+        llm.config.use_cache = True
+        llm.save_pretrained(save_dir, **kwargs_)
+        tokenizer = cfg.get("tokenizer") if cfg is not None else None
+        if tokenizer is not None:
+            if isinstance(tokenizer, (dict, ConfigDict)):
+                tokenizer = BUILDER.build(tokenizer)
+            tokenizer.save_pretrained(save_dir)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.llm, name)
+
+
+def _bf16_ok() -> bool:
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+
+
+def _current_iteration() -> int | None:
+    try:
+        return MessageHub.get_current_instance().get_info("iter")
+    except Exception:
+        return None

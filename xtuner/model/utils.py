@@ -1,0 +1,135 @@
+"""Helpers for building language models from XTuner-style configs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from mmengine.config import ConfigDict
+from mmengine.logging import print_log
+from torch import nn
+
+from xtuner.registry import BUILDER
+
+_INIT_FUNCS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "zeros_",
+    "ones_",
+)
+
+
+class LoadWoInit:
+    """Context manager that turns ``torch.nn.init`` functions into no-ops (fast building)."""
+
+    def __enter__(self):
+        self._saved = {name: getattr(nn.init, name) for name in _INIT_FUNCS}
+        for name in _INIT_FUNCS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(nn.init, name, fn)
+
+
+def build_nested(cfg: Any) -> Any:
+    """Builds every ``dict(type=...)`` inside a config value (e.g. ``quantization_config``)."""
+    if isinstance(cfg, (dict, ConfigDict)):
+        built = {k: build_nested(v) for k, v in cfg.items() if k != "type"}
+        if "type" in cfg:
+            return BUILDER.build(dict(type=cfg["type"], **built))
+        return type(cfg)(built) if isinstance(cfg, ConfigDict) else built
+    if isinstance(cfg, list):
+        return [build_nested(v) for v in cfg]
+    return cfg
+
+
+def _model_path(cfg: Mapping) -> str | None:
+    return cfg.get("pretrained_model_name_or_path")
+
+
+def _is_low_precision(dtype: Any) -> bool:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def prepare_llm_config(
+    llm: Mapping, max_position_embeddings: int | None = None
+) -> dict[str, Any]:
+    """Normalises an ``llm`` config dict for transformers 5 before it is built.
+
+    ``torch_dtype`` is renamed ``dtype``; the attention implementation is chosen when the
+    user gave none (flash_attention_2 when flash-attn is usable and the dtype is 16-bit, else
+    sdpa); ``max_position_embeddings`` sets linear RoPE scaling, also for configs that had
+    no scaling before.
+    """
+    from transformers import AutoConfig
+
+    from xtuner._compat import flash_attn_available
+
+    cfg = dict(llm)
+    if "torch_dtype" in cfg:
+        if "dtype" in cfg:
+            raise ValueError("llm config gives both 'torch_dtype' and 'dtype'; keep one ('dtype')")
+        cfg["dtype"] = cfg.pop("torch_dtype")
+    if "attn_implementation" not in cfg:
+        use_flash = flash_attn_available() and _is_low_precision(cfg.get("dtype"))
+        cfg["attn_implementation"] = "flash_attention_2" if use_flash else "sdpa"
+    if max_position_embeddings is not None:
+        path = _model_path(cfg)
+        config = cfg.get("config") or AutoConfig.from_pretrained(path, trust_remote_code=True)
+        original = getattr(config, "max_position_embeddings", None)
+        if original is None:
+            raise ValueError(
+                f"max_position_embeddings={max_position_embeddings}: the model config of {path} "
+                "has no max_position_embeddings to scale"
+            )
+        if max_position_embeddings > original:
+            factor = float(math.ceil(max_position_embeddings / original))
+            rope = dict(getattr(config, "rope_parameters", None) or {})
+            rope.update(rope_type="linear", factor=factor)
+            config.rope_parameters = rope
+            config.max_position_embeddings = max_position_embeddings
+            print_log(
+                f"RoPE scaled linearly by {factor:g} for max_position_embeddings="
+                f"{max_position_embeddings} (was {original})",
+                logger="current",
+            )
+        cfg["config"] = config
+    return cfg
+
+
+def find_all_linear_names(model: nn.Module) -> list[str]:
+    """Names of every Linear (also 4/8-bit) module but the output head, for LoRA targets."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        cls = type(module).__name__
+        if isinstance(module, nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.split(".")[-1])
+    names.discard("lm_head")
+    names.discard("output")
+    return sorted(names)
+
+
+def resolve_head(module: nn.Module) -> nn.Module:
+    """The module holding the output head's weight (unwraps peft's modules_to_save)."""
+    if hasattr(module, "modules_to_save") and hasattr(module, "active_adapter"):
+        active = module.active_adapter
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        if active in module.modules_to_save:
+            return module.modules_to_save[active]
+        return module.original_module
+    return module
