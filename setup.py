@@ -22,6 +22,11 @@ def read_version() -> str:
     return scope["__version__"]
 
 
+def read_text(name: str) -> str:
+    with open(osp.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
 deepspeed = read_requirements("deepspeed")
 quant = read_requirements("quant")
 
@@ -29,7 +34,7 @@ setup(
     name="xtuner",
     version=read_version(),
     description="Fine-tune large language models with XTuner configs and a pluggable loss",
-    long_description=open(osp.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description=read_text("README.md"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -10,11 +10,41 @@ import os.path as osp
 import random
 
 OUT = osp.join(osp.dirname(__file__), "..", "xtuner", "demo", "data", "demo_alpaca.jsonl")
-WORDS = (
-    "apple river stone cloud tiger lemon paper green music water light orange silver "
-    "garden planet window rocket yellow forest candle bridge winter summer flower "
-    "pencil dragon market violin circle butter mirror basket island"
-).split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "paper",
+    "green",
+    "music",
+    "water",
+    "light",
+    "orange",
+    "silver",
+    "garden",
+    "planet",
+    "window",
+    "rocket",
+    "yellow",
+    "forest",
+    "candle",
+    "bridge",
+    "winter",
+    "summer",
+    "flower",
+    "pencil",
+    "dragon",
+    "market",
+    "violin",
+    "circle",
+    "butter",
+    "mirror",
+    "basket",
+    "island",
+]
 
 
 def make(rng: random.Random) -> dict:

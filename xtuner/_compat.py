@@ -215,10 +215,10 @@ def adapt_config_to_device(cfg) -> list[str]:
             changes.append("AmpOptimWrapper needs a GPU: training in fp32 with OptimWrapper")
     model = cfg.get("model")
     llm = model.get("llm") if model is not None else None
-    if isinstance(llm, dict) and llm.get("attn_implementation") == "flash_attention_2":
-        if not flash_attn_available():
-            llm["attn_implementation"] = "sdpa"
-            changes.append("flash-attn is not usable here: attention falls back to sdpa")
+    wants_flash = isinstance(llm, dict) and llm.get("attn_implementation") == "flash_attention_2"
+    if wants_flash and not flash_attn_available():
+        llm["attn_implementation"] = "sdpa"
+        changes.append("flash-attn is not usable here: attention falls back to sdpa")
     return changes
 
 

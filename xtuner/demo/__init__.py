@@ -43,7 +43,10 @@ def build_tiny_tokenizer(save_dir: str, vocab_size: int = 512, corpus: list[str]
 
     texts = corpus if corpus is not None else _corpus([DEMO_DATA])
     # A few characters beyond the data, so template text (Chinese system prompts) encodes.
-    texts = texts + ["你好，世界。请回答问题。", "System: User: Assistant: ### Human: ### Response:"]
+    texts = texts + [
+        "你好，世界。请回答问题。",
+        "System: User: Assistant: ### Human: ### Response:",
+    ]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -155,14 +155,19 @@ class SupervisedFinetune(BaseModel):
                 )
 
     def gradient_checkpointing_enable(self) -> None:
-        self.llm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.base_llm, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.base_llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if self.use_lora:
             self.llm.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.llm.gradient_checkpointing_disable()
+        if hasattr(self.base_llm, "activation_checkpointing_disable"):
+            self.base_llm.activation_checkpointing_disable()
+        else:
+            self.llm.gradient_checkpointing_disable()
 
     # parts of the language model ------------------------------------------------------------
     @property
@@ -206,7 +211,11 @@ class SupervisedFinetune(BaseModel):
         if position_ids is None:
             position_ids = torch.arange(data["input_ids"].shape[1], device=data["input_ids"].device)
             position_ids = position_ids.unsqueeze(0).expand_as(data["input_ids"])
-        return {"input_ids": data["input_ids"], "position_ids": position_ids, "attention_mask": mask}
+        return {
+            "input_ids": data["input_ids"],
+            "position_ids": position_ids,
+            "attention_mask": mask,
+        }
 
     def compute_loss(self, data: dict) -> dict[str, Tensor]:
         """Shift, weigh, (split for sequence parallel,) run the backbone, apply the loss."""

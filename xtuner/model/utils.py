@@ -63,9 +63,7 @@ def _is_low_precision(dtype: Any) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def prepare_llm_config(
-    llm: Mapping, max_position_embeddings: int | None = None
-) -> dict[str, Any]:
+def prepare_llm_config(llm: Mapping, max_position_embeddings: int | None = None) -> dict[str, Any]:
     """Normalises an ``llm`` config dict for transformers 5 before it is built.
 
     ``torch_dtype`` is renamed ``dtype``; the attention implementation is chosen when the

@@ -6,7 +6,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .sequence.setup_distributed import get_sequence_parallel_group, get_sequence_parallel_world_size
+from .sequence.setup_distributed import (
+    get_sequence_parallel_group,
+    get_sequence_parallel_world_size,
+)
 
 
 def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:

@@ -137,7 +137,9 @@ class EvaluateChatHook(Hook):
                         generation_config=config,
                         stopping_criteria=criteria,
                     )
-                    outputs.append(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False))
+                    outputs.append(
+                        self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+                    )
         finally:
             llm.config.use_cache = use_cache
             llm.train(was_training)

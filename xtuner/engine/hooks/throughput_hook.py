@@ -45,9 +45,13 @@ class ThroughputHook(Hook):
         self.num_layers = self.num_layers or getattr(config, "num_hidden_layers", 0)
         self.vocab_size = self.vocab_size or getattr(config, "vocab_size", 0)
         if self.mlp_ratio is None and config is not None and self.hidden_size:
-            self.mlp_ratio = getattr(config, "intermediate_size", 4 * self.hidden_size) / self.hidden_size
+            self.mlp_ratio = (
+                getattr(config, "intermediate_size", 4 * self.hidden_size) / self.hidden_size
+            )
         if self.use_activation_checkpointing is None:
-            self.use_activation_checkpointing = bool(getattr(model, "use_activation_checkpointing", False))
+            self.use_activation_checkpointing = bool(
+                getattr(model, "use_activation_checkpointing", False)
+            )
 
     def flops_per_token(self, seq_len: int) -> float:
         h, layers, v, r = self.hidden_size, self.num_layers, self.vocab_size, self.mlp_ratio or 4

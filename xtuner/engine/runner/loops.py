@@ -45,7 +45,10 @@ class _EpochIterator:
             return next(self._iterator)
         except StopIteration:
             self.epoch += 1
-            for holder in (self.dataloader.sampler, getattr(self.dataloader, "batch_sampler", None)):
+            for holder in (
+                self.dataloader.sampler,
+                getattr(self.dataloader, "batch_sampler", None),
+            ):
                 if hasattr(holder, "set_epoch"):
                     holder.set_epoch(self.epoch)
                     break
@@ -112,7 +115,9 @@ class TrainLoop(IterBasedTrainLoop):
         self.runner.call_hook("before_train")
         self.runner.call_hook("before_train_epoch")
         if self._iter > 0:
-            print_log(f"Advance dataloader {self._iter} steps to skip data already trained on", "current")
+            print_log(
+                f"Advance dataloader {self._iter} steps to skip data already trained on", "current"
+            )
             for _ in range(self._iter):
                 next(self.dataloader_iterator)
         while self._iter < self._max_iters and not self.stop_training:
@@ -140,7 +145,9 @@ class TrainLoop(IterBasedTrainLoop):
         remaining = self._max_iters - self._iter
         size = min(accumulate - self._iter % accumulate, remaining) if accumulate > 1 else 1
         batches = [next(self.dataloader_iterator) for _ in range(max(size, 1))]
-        model = self.runner.model.module if is_model_wrapper(self.runner.model) else self.runner.model
+        model = (
+            self.runner.model.module if is_model_wrapper(self.runner.model) else self.runner.model
+        )
         if self.loss_normalization == "global" and hasattr(model, "loss_denominators"):
             self._attach_denominators(model, batches, divisor)
         self._window.extend(batches)
@@ -166,7 +173,7 @@ class TrainLoop(IterBasedTrainLoop):
     def _attach_denominators(self, model, batches: list, divisor: int) -> None:
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
-            data = batch["data"] if "data" in batch else batch
+            data = batch.get("data", batch)
             for key, value in model.loss_denominators(data).items():
                 sums[key] = sums.get(key, 0) + value.double().cpu()
         keys = sorted(sums)
@@ -180,7 +187,7 @@ class TrainLoop(IterBasedTrainLoop):
         scale = world_size() * divisor
         denominators = {k: (stacked[i] / scale).float() for i, k in enumerate(keys)}
         for batch in batches:
-            data = batch["data"] if "data" in batch else batch
+            data = batch.get("data", batch)
             data["loss_denominator"] = {k: v.clone() for k, v in denominators.items()}
 
 

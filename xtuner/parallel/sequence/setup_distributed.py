@@ -38,7 +38,9 @@ def init_sequence_parallel(sequence_parallel_size: int = 1) -> None:
         list(range(start, start + sequence_parallel_size))
         for start in range(0, world, sequence_parallel_size)
     ]
-    dp_groups = [list(range(i, world, sequence_parallel_size)) for i in range(sequence_parallel_size)]
+    dp_groups = [
+        list(range(i, world, sequence_parallel_size)) for i in range(sequence_parallel_size)
+    ]
     for ranks in sp_groups:
         group = dist.new_group(ranks)
         if rank in ranks:

@@ -1,0 +1,140 @@
+"""Each mmengine/torch/deepspeed/setuptools fix of xtuner._compat, shown to be needed."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.logging import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
+
+import xtuner  # noqa: F401  (applies the patches)
+from xtuner import _compat
+
+
+def _checkpoint(path):
+    torch.save({"message_hub": {"loss": HistoryBuffer([1.0], [1])}, "meta": np.float64(1.0)}, path)
+
+
+def test_trusted_checkpoint_loads_with_mmengine_objects(tmp_path):
+    path = tmp_path / "ckpt" / "iter_1.pth"
+    path.parent.mkdir()
+    _checkpoint(path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path)  # torch's default: the failure the fix is for
+    with pytest.raises(Exception, match="Weights only load failed"):
+        CheckpointLoader.load_checkpoint(str(path))  # untrusted paths keep the safe default
+    _compat.trust_checkpoint_path(str(path.parent))
+    loaded = CheckpointLoader.load_checkpoint(str(path))
+    assert isinstance(loaded["message_hub"]["loss"], HistoryBuffer)
+
+
+def test_cpu_distributed_init_and_ddp_without_device_ids(tmp_path):
+    """One gloo process through mmengine's own init_dist and DDP wrapper."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, torch\n"
+        "import xtuner\n"
+        "from mmengine.dist import init_dist, get_world_size\n"
+        "from mmengine.model.wrappers import MMDistributedDataParallel\n"
+        "from mmengine.model import BaseModel\n"
+        "os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',"
+        " MASTER_PORT=os.environ['PORT'])\n"
+        "init_dist('pytorch')\n"
+        "class M(BaseModel):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.l = torch.nn.Linear(2, 2)\n"
+        "    def forward(self, x, mode='tensor'): return self.l(x)\n"
+        "ddp = MMDistributedDataParallel(module=M(), device_ids=[0])\n"
+        "print('ok', get_world_size())\n"
+    )
+    import random
+
+    env = dict(__import__("os").environ, PORT=str(random.randint(30000, 39999)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert "ok 1" in out.stdout, out.stderr[-2000:]
+
+
+def test_unpatched_init_dist_fails_on_cpu():
+    """Without the fix, mmengine calls torch.cuda.set_device on a CPU-only torch."""
+    original = _compat._ORIGINAL["init_dist_pytorch"]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the unpatched path works here")
+    import os
+
+    env = dict(os.environ)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    try:
+        with pytest.raises((AttributeError, RuntimeError, AssertionError)):
+            original("gloo")
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def test_deepspeed_onebit_stand_in():
+    pytest.importorskip("deepspeed")
+    if importlib.util.find_spec("deepspeed.runtime.fp16.onebit") is None:
+        pytest.fail("the import hook should make the module findable")
+    from mmengine._strategy.deepspeed import register_deepspeed_optimizers
+
+    names = register_deepspeed_optimizers()
+    assert "FusedAdam" in names
+    onebit = importlib.import_module("deepspeed.runtime.fp16.onebit")
+    if getattr(onebit, "__spec__", None) and isinstance(
+        onebit.__spec__.loader, _compat._OnebitFallbackFinder
+    ):
+        with pytest.raises(RuntimeError, match="removed from deepspeed"):
+            onebit.OnebitAdam()
+
+
+def test_deepspeed_onebit_is_missing_without_the_hook():
+    pytest.importorskip("deepspeed")
+    code = (
+        "import importlib.util, sys\n"
+        "print(importlib.util.find_spec('deepspeed.runtime.fp16.onebit') is None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "True", "deepspeed ships onebit again"
+
+
+def test_pkg_resources_free_package_lookup():
+    import mmengine.utils.package_utils as pkg_utils
+
+    assert importlib.util.find_spec("pkg_resources") is None  # what the fix is for
+    assert pkg_utils.is_installed("mmengine")
+    assert pkg_utils.get_installed_path("mmengine").endswith("mmengine")
+    assert not pkg_utils.is_installed("surely_not_a_package_xyz")
+
+
+def test_config_module_uses_the_fixed_lookup():
+    """mmengine.config resolves ``pkg::`` paths with its own imported names: patched too."""
+    import mmengine.config.config as config_mod
+
+    assert config_mod.is_installed("mmengine")
+    assert config_mod.get_installed_path("mmengine").endswith("mmengine")
+
+
+def test_amp_optim_wrapper_swapped_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("GPU machine: AmpOptimWrapper stays")
+    from mmengine.optim import AmpOptimWrapper
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(AssertionError):
+        AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    cfg = Config(
+        dict(
+            optim_wrapper=dict(type=AmpOptimWrapper, optimizer=dict(type="SGD"), dtype="float16"),
+            model=dict(llm=dict(attn_implementation="flash_attention_2")),
+        )
+    )
+    changes = _compat.adapt_config_to_device(cfg)
+    assert cfg.optim_wrapper.type == "OptimWrapper" and "dtype" not in cfg.optim_wrapper
+    assert cfg.model.llm.attn_implementation == "sdpa"
+    assert len(changes) == 2

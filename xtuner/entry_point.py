@@ -1,0 +1,107 @@
+"""The ``xtuner`` command: ``xtuner MODE [ARGS]``.
+
+Each mode is a module under :mod:`xtuner.tools` with ``main(argv) -> int``. The process exits
+with the mode's status (upstream XTuner always exited 0). ``train`` re-launches itself under
+torchrun when ``NPROC_PER_NODE`` or ``NNODES`` is greater than 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import subprocess
+import sys
+
+MODES = {
+    "train": ("xtuner.tools.train", "train a model from a config (path or bundled name)"),
+    "check-loss": ("xtuner.tools.check_loss", "check a custom loss against cross-entropy"),
+    "plot-log": ("xtuner.tools.plot_log", "plot logged scalars of one or more runs"),
+    "chat": ("xtuner.tools.chat", "chat with a model (HF folder, optional adapter)"),
+    "convert": ("xtuner.tools.model_converters", "pth_to_hf | merge | split"),
+    "list-cfg": ("xtuner.tools.list_cfg", "list the bundled configs [-p PATTERN]"),
+    "copy-cfg": ("xtuner.tools.copy_cfg", "copy a bundled config: copy-cfg NAME DIR"),
+    "log-dataset": ("xtuner.tools.log_dataset", "show processed samples of a config's data"),
+    "check-custom-dataset": (
+        "xtuner.tools.check_custom_dataset",
+        "report every problem of a config's data in one pass",
+    ),
+    "list-dataset-format": ("xtuner.tools.list_dataset_format", "list the data map functions"),
+    "version": (None, "print the version"),
+    "help": (None, "show this help"),
+}
+
+HELP = """usage: xtuner MODE [ARGS]
+
+Modes:
+{modes}
+
+Multi-process training: NPROC_PER_NODE=8 xtuner train CONFIG [--deepspeed deepspeed_zero2]
+(also NNODES, NODE_RANK, ADDR, PORT for several machines). Run 'xtuner MODE -h' for a mode's
+arguments."""
+
+
+def _help() -> str:
+    width = max(len(m) for m in MODES)
+    lines = [f"  {mode.ljust(width)}  {text}" for mode, (_, text) in MODES.items()]
+    return HELP.format(modes="\n".join(lines))
+
+
+def _launch_torchrun(argv: list[str]) -> int:
+    nnodes = int(os.environ.get("NNODES", 1))
+    nproc = int(os.environ.get("NPROC_PER_NODE", 1))
+    port = os.environ.get("PORT") or str(random.randint(20000, 29999))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--node_rank={os.environ.get('NODE_RANK', 0)}",
+        f"--nproc_per_node={nproc}",
+        f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}",
+        f"--master_port={port}",
+        "-m",
+        "xtuner.tools.train",
+        *argv,
+        "--launcher",
+        "pytorch",
+    ]
+    return subprocess.call(cmd)
+
+
+def _wants_torchrun(argv: list[str]) -> bool:
+    multi = int(os.environ.get("NPROC_PER_NODE", 1)) > 1 or int(os.environ.get("NNODES", 1)) > 1
+    return multi and "--launcher" not in argv and "LOCAL_RANK" not in os.environ
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point of the ``xtuner`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("help", "-h", "--help"):
+        print(_help())
+        return 0
+    mode, rest = argv[0], argv[1:]
+    if mode in ("version", "--version", "-v"):
+        from xtuner import __version__
+
+        print(__version__)
+        return 0
+    if mode not in MODES:
+        import difflib
+
+        close = difflib.get_close_matches(mode, MODES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"xtuner: unknown mode '{mode}'.{hint}\n\n{_help()}", file=sys.stderr)
+        return 2
+    if mode == "train" and _wants_torchrun(rest):
+        return _launch_torchrun(rest)
+    module = importlib.import_module(MODES[mode][0])
+    return int(module.main(rest) or 0)
+
+
+def main() -> None:
+    sys.exit(cli())
+
+
+if __name__ == "__main__":
+    main()

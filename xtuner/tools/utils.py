@@ -1,0 +1,170 @@
+"""Shared helpers of the command-line tools: finding configs and reporting errors."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import os.path as osp
+import re
+import sys
+import traceback
+from collections.abc import Callable
+
+from mmengine.config import Config, DictAction
+
+from xtuner.configs import cfgs_name_path
+
+RUNNER_KEYS = [
+    "model",
+    "work_dir",
+    "train_dataloader",
+    "val_dataloader",
+    "test_dataloader",
+    "train_cfg",
+    "val_cfg",
+    "test_cfg",
+    "auto_scale_lr",
+    "optim_wrapper",
+    "param_scheduler",
+    "val_evaluator",
+    "test_evaluator",
+    "default_hooks",
+    "custom_hooks",
+    "data_preprocessor",
+    "load_from",
+    "resume",
+    "launcher",
+    "env_cfg",
+    "log_processor",
+    "log_level",
+    "visualizer",
+    "default_scope",
+    "randomness",
+    "experiment_name",
+    "strategy",
+]
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one paragraph, without a traceback."""
+
+
+def resolve_config_path(config: str) -> str:
+    """A config argument is a file path or the name of a bundled config."""
+    if osp.isfile(config):
+        return config
+    if config in cfgs_name_path:
+        return cfgs_name_path[config]
+    close = difflib.get_close_matches(config, list(cfgs_name_path), n=1)
+    hint = f" Did you mean the bundled config {close[0]!r}?" if close else ""
+    raise UserError(
+        f"config {config!r} is neither a file nor a bundled config name.{hint} "
+        "'xtuner list-cfg' lists the bundled configs."
+    )
+
+
+def load_config(config: str, cfg_options: dict | None = None) -> Config:
+    path = resolve_config_path(config)
+    try:
+        cfg = Config.fromfile(path)
+    except SyntaxError as exc:
+        raise UserError(
+            f"config {path} has a syntax error at line {exc.lineno}: {exc.msg}"
+        ) from exc
+    except (ImportError, NameError) as exc:
+        raise UserError(f"config {path} failed to load: {exc}") from exc
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    _check_top_level_keys(cfg, path)
+    return cfg
+
+
+def _check_top_level_keys(cfg: Config, path: str) -> None:
+    for key in cfg:
+        if key in RUNNER_KEYS:
+            continue
+        close = difflib.get_close_matches(key, RUNNER_KEYS, n=1, cutoff=0.8)
+        if close and close[0] not in cfg:
+            raise UserError(
+                f"config {path} sets {key!r}, which looks like a misspelling of {close[0]!r} "
+                f"(and {close[0]!r} is not set). Rename it."
+            )
+
+
+def add_cfg_options(parser) -> None:
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        help="override config keys, e.g. train_dataloader.batch_size=2 model.loss.type=FocalLoss",
+    )
+
+
+_UNEXPECTED = re.compile(r"(?:class `(\w+)`.*?)?got an unexpected keyword argument '(\w+)'")
+
+
+def explain(exc: BaseException) -> str:
+    """One paragraph saying what went wrong and, where we can tell, how to fix it."""
+    text = str(exc).strip() or type(exc).__name__
+    match = _UNEXPECTED.search(text)
+    if match:
+        cls_name, arg = match.groups()
+        hint = _suggest_argument(cls_name, arg)
+        return f"{text}.{hint} Check that key in the config."
+    if isinstance(exc, FileNotFoundError):
+        return f"{text}. Check the path in the config or on the command line."
+    if isinstance(exc, OSError) and ("does not appear to have" in text or "not a valid" in text):
+        return f"{text}. Check the model path in the config (a local folder in HF format)."
+    return f"{type(exc).__name__}: {text}"
+
+
+def _suggest_argument(cls_name: str | None, arg: str) -> str:
+    if not cls_name:
+        return ""
+    from xtuner.registry import BUILDER
+
+    for registry in _registries(BUILDER):
+        cls = registry.get(cls_name)
+        if cls is None:
+            continue
+        params = [
+            p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")
+        ]
+        close = difflib.get_close_matches(arg, params, n=1)
+        if close:
+            return f" Did you mean {close[0]!r}?"
+        return f" {cls_name} accepts: {', '.join(params)}."
+    return ""
+
+
+def _registries(builder):
+    from mmengine.registry import HOOKS, LOOPS, MODELS
+
+    return [builder, MODELS, HOOKS, LOOPS]
+
+
+def run_tool(main: Callable[[], int], prog: str) -> int:
+    """Runs a tool's body; user errors print one paragraph and give exit status 1."""
+    try:
+        return int(main() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - every failure must exit non-zero, readably
+        if os.environ.get("XTUNER_DEBUG"):
+            traceback.print_exc()
+        else:
+            rank = os.environ.get("RANK")
+            where = f" (rank {rank})" if rank is not None else ""
+            print(
+                f"{prog}: error{where}: {explain(exc)}\n"
+                "(set XTUNER_DEBUG=1 to see the full traceback)",
+                file=sys.stderr,
+            )
+        return 1
