@@ -1,0 +1,1 @@
+"""Command-line tools behind the ``xtuner`` command (each has ``main(argv) -> int``)."""
