@@ -10,5 +10,5 @@ from mmengine.registry import Registry
 __all__ = ["BUILDER", "MAP_FUNC", "LOSSES"]
 
 BUILDER = Registry("builder")
-MAP_FUNC = Registry("map_fn")
+MAP_FUNC = Registry("map_fn", locations=["xtuner.dataset.map_fns"])
 LOSSES = Registry("loss", locations=["xtuner.model.losses"])
