@@ -20,7 +20,7 @@ from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
 from xtuner.demo import prepare_demo
-from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
+from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, HFCheckpointHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
@@ -150,6 +150,8 @@ custom_hooks = [
         max_new_tokens=16,
     ),
     dict(type=ThroughputHook),
+    # Writes <work_dir>/hf_model, loadable with AutoModelForCausalLM.from_pretrained.
+    dict(type=HFCheckpointHook),
 ]
 
 default_hooks = dict(
