@@ -15,10 +15,6 @@ import sys
 
 MODES = {
     "train": ("xtuner.tools.train", "train a model from a config (path or bundled name)"),
-    "check-loss": ("xtuner.tools.check_loss", "check a custom loss against cross-entropy"),
-    "plot-log": ("xtuner.tools.plot_log", "plot logged scalars of one or more runs"),
-    "chat": ("xtuner.tools.chat", "chat with a model (HF folder, optional adapter)"),
-    "convert": ("xtuner.tools.model_converters", "pth_to_hf | merge | split"),
     "list-cfg": ("xtuner.tools.list_cfg", "list the bundled configs [-p PATTERN]"),
     "copy-cfg": ("xtuner.tools.copy_cfg", "copy a bundled config: copy-cfg NAME DIR"),
     "log-dataset": ("xtuner.tools.log_dataset", "show processed samples of a config's data"),
