@@ -221,13 +221,21 @@ class SupervisedFinetune(BaseModel):
         """Shift, weigh, (split for sequence parallel,) run the backbone, apply the loss."""
         if "labels" not in data:
             raise KeyError("the batch has no 'labels': the dataset must produce them")
-        inputs = self._attention_inputs(data)
-        position_ids = inputs["position_ids"]
-        labels = shift_labels(data["labels"], position_ids)
-        loss_weight = data.get("loss_weight")
-        if loss_weight is not None:
-            loss_weight = shift_tokens(loss_weight)
-        weights = compute_weights(self.loss.weight_specs(), labels, position_ids, loss_weight)
+        return self.loss_from_inputs(self._attention_inputs(data), data)
+
+    def loss_from_inputs(self, inputs: dict[str, Tensor | None], data: dict) -> dict[str, Tensor]:
+        """The loss of the backbone run on ``inputs``, against the targets in ``data``.
+
+        Args:
+            inputs: the backbone's inputs (``input_ids`` or ``inputs_embeds``,
+                ``position_ids``, ``attention_mask``), ``[B, S, ...]`` each.
+            data: the batch: ``labels`` (not shifted), optional ``loss_weight`` and any
+                fields the loss reads, aligned with ``inputs`` token for token.
+
+        Returns:
+            Named loss terms and metrics (see :func:`~xtuner.model.losses.finalize_loss`).
+        """
+        labels, weights = self._targets(data, inputs["position_ids"])
         extras = self.loss.extra_inputs(data, labels)
         if get_sequence_parallel_world_size() > 1:
             from xtuner.parallel.sequence import split_for_sequence_parallel
@@ -249,16 +257,18 @@ class SupervisedFinetune(BaseModel):
         )
         return finalize_loss(self.loss(ctx), weights, data.get("loss_denominator"))
 
-    def loss_denominators(self, data: dict) -> dict[str, Tensor]:
-        """Sum of this batch's token weights per weight key (for global normalisation)."""
-        inputs = self._attention_inputs(data)
-        labels = shift_labels(data["labels"], inputs["position_ids"])
+    def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Next-token targets and the loss's per-token weights (whole sequences, unsplit)."""
+        labels = shift_labels(data["labels"], position_ids)
         loss_weight = data.get("loss_weight")
         if loss_weight is not None:
             loss_weight = shift_tokens(loss_weight)
-        weights = compute_weights(
-            self.loss.weight_specs(), labels, inputs["position_ids"], loss_weight
-        )
+        weights = compute_weights(self.loss.weight_specs(), labels, position_ids, loss_weight)
+        return labels, weights
+
+    def loss_denominators(self, data: dict) -> dict[str, Tensor]:
+        """Sum of this batch's token weights per weight key (for global normalisation)."""
+        _, weights = self._targets(data, self._attention_inputs(data)["position_ids"])
         return {key: w.sum().double() for key, w in weights.items()}
 
     # checkpoints ---------------------------------------------------------------------------
