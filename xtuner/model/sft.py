@@ -240,6 +240,9 @@ class SupervisedFinetune(BaseModel):
         if get_sequence_parallel_world_size() > 1:
             from xtuner.parallel.sequence import split_for_sequence_parallel
 
+            from .modules import enable_sequence_parallel_attention
+
+            enable_sequence_parallel_attention(self.base_llm)
             inputs, labels, weights, extras = split_for_sequence_parallel(
                 inputs, labels, weights, extras
             )

@@ -165,10 +165,13 @@ class TrainLoop(IterBasedTrainLoop):
         accumulate = int(getattr(wrapper, "_accumulative_counts", 1))
         if accumulate == 1:
             return 1, 1
+        # As OptimWrapper.scale_loss: the last, short window is divided by its own length.
         inner = getattr(wrapper, "_inner_count", self._iter)
-        divisible = getattr(wrapper, "_divisible_counts", self._max_iters)
-        remainder = getattr(wrapper, "_remainder_counts", accumulate)
-        return accumulate, accumulate if inner < divisible else remainder
+        max_counts = getattr(wrapper, "_max_counts", -1)
+        remainder = getattr(wrapper, "_remainder_counts", 0)
+        if max_counts > 0 and remainder > 0 and inner >= max_counts - remainder:
+            return accumulate, remainder
+        return accumulate, accumulate
 
     def _attach_denominators(self, model, batches: list, divisor: int) -> None:
         sums: dict[str, torch.Tensor] = {}
@@ -184,6 +187,8 @@ class TrainLoop(IterBasedTrainLoop):
         stacked = all_reduce_sum(stacked.to(device)).cpu()
         # The ranks of one sequence-parallel group hold the same sequences: count them once.
         stacked = stacked / get_sequence_parallel_world_size()
+        # A window without any target anywhere: every loss sum is 0, keep its gradient 0.
+        stacked = torch.where(stacked > 0, stacked, torch.ones_like(stacked))
         scale = world_size() * divisor
         denominators = {k: (stacked[i] / scale).float() for i, k in enumerate(keys)}
         for batch in batches:
