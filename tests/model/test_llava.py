@@ -1,0 +1,291 @@
+"""LLaVAModel: the multimodal merge, the loss path shared with SFT, stages and HF export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mmengine.config import Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+from xtuner.model.llava import ImageSplice, LLaVAModel
+from xtuner.registry import LOSSES
+from xtuner.utils.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+LORA = dict(type="peft.LoraConfig", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
+P = 16  # patches of a 32x32 image with 8x8 patches
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory) -> str:
+    from xtuner.demo.llava import build_tiny_clip
+
+    path = str(tmp_path_factory.mktemp("tiny_clip"))
+    build_tiny_clip(path)
+    return path
+
+
+def build(tiny_llama_path, clip_path, **kwargs) -> LLaVAModel:
+    torch.manual_seed(0)
+    kwargs.setdefault("use_activation_checkpointing", False)
+    return LLaVAModel(
+        llm=dict(
+            type=AutoModelForCausalLM.from_pretrained,
+            pretrained_model_name_or_path=tiny_llama_path,
+            torch_dtype=torch.float32,
+        ),
+        visual_encoder=dict(
+            type=CLIPVisionModel.from_pretrained, pretrained_model_name_or_path=clip_path
+        ),
+        **kwargs,
+    )
+
+
+def batch(seed: int = 0) -> dict:
+    """Three samples: one image; two images; text only (with a placeholder image); padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [
+        [1, *range(30, 34), IMAGE_TOKEN_INDEX, *range(40, 47), 2],
+        [1, 50, IMAGE_TOKEN_INDEX, 51, 52, IMAGE_TOKEN_INDEX, *range(60, 68), 2],
+        [1, *range(70, 80), 2],
+    ]
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+    labels = torch.where(mask, input_ids, IGNORE_INDEX)
+    labels[labels == IMAGE_TOKEN_INDEX] = IGNORE_INDEX
+    labels[:, :3] = IGNORE_INDEX
+    pixel_values = [
+        torch.randn(3, 32, 32, generator=g),
+        torch.randn(2, 3, 32, 32, generator=g),
+        torch.zeros(3, 32, 32),
+    ]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": pixel_values,
+    }
+
+
+def reference_merge(model: LLaVAModel, data: dict):
+    """The merge written naively, sample by sample: (embeds, labels, mask)."""
+    embed = model.base_llm.get_input_embeddings()
+    rows_e, rows_l = [], []
+    for ids, labels, mask, images in zip(
+        data["input_ids"], data["labels"], data["attention_mask"], data["pixel_values"]
+    ):
+        images = images if images.dim() == 4 else images[None]
+        parts_e, parts_l, used = [], [], 0
+        for token, label in zip(ids[mask.bool()], labels[mask.bool()]):
+            if token == IMAGE_TOKEN_INDEX:
+                out = model.visual_encoder(images[used : used + 1], output_hidden_states=True)
+                parts_e.append(model.projector(out.hidden_states[-2][0, 1:]))
+                parts_l.append(torch.full((P,), IGNORE_INDEX))
+                used += 1
+            else:
+                parts_e.append(embed(token[None]))
+                parts_l.append(label[None])
+        rows_e.append(torch.cat(parts_e))
+        rows_l.append(torch.cat(parts_l))
+    width = max(len(r) for r in rows_e)
+    embeds = torch.zeros(len(rows_e), width, rows_e[0].shape[-1])
+    labels = torch.full((len(rows_e), width), IGNORE_INDEX)
+    mask = torch.zeros(len(rows_e), width, dtype=torch.long)
+    for i, (e, lab) in enumerate(zip(rows_e, rows_l)):
+        embeds[i, : len(e)] = e
+        labels[i, : len(lab)] = lab
+        mask[i, : len(e)] = 1
+    return embeds, labels, mask
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
+
+
+def test_splice_layout():
+    ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 6, 0], [IMAGE_TOKEN_INDEX, 7, IMAGE_TOKEN_INDEX, 8]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    splice = ImageSplice(ids, mask, num_patches=3)
+    assert splice.lengths.tolist() == [5, 8]
+    merged = splice.merged_ids(ids, pad_id=-1)
+    i = IMAGE_TOKEN_INDEX
+    assert merged.tolist() == [[5, i, i, i, 6, -1, -1, -1], [i, i, i, 7, i, i, i, 8]]
+    assert splice.attention_mask().tolist() == [[1] * 5 + [0] * 3, [1] * 8]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_default_loss_equals_hf_loss_on_merged_embeddings(
+    tiny_llama_path, clip_path, checkpointing
+):
+    model = build(tiny_llama_path, clip_path, use_activation_checkpointing=checkpointing)
+    model.train()
+    data = batch()
+    ours = model(data, mode="loss")
+    ours["loss"].backward()
+    ours_grads = grads(model)
+    model.zero_grad()
+    embeds, labels, mask = reference_merge(model, data)
+    ref = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    ref_grads = grads(model)
+    assert ours["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert int(ours["num_tokens"]) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert int(model.loss_denominators(data)["token"]) == int(ours["num_tokens"])
+    assert set(ours_grads) == set(ref_grads)
+    assert any(k.startswith("visual_encoder.") for k in ref_grads)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pretrain_stage_trains_only_the_projector(tiny_llama_path, clip_path):
+    model = build(tiny_llama_path, clip_path, freeze_llm=True, freeze_visual_encoder=True)
+    model(batch(), mode="loss")["loss"].backward()
+    trained = set(grads(model))
+    assert trained and all(name.startswith("projector.") for name in trained)
+    assert set(model.state_dict()) == {
+        f"projector.model.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")
+    }
+
+
+def test_lora_both_sides_with_checkpointing(tiny_llama_path, clip_path):
+    model = build(
+        tiny_llama_path,
+        clip_path,
+        freeze_llm=True,
+        freeze_visual_encoder=True,
+        llm_lora=LORA,
+        visual_encoder_lora=LORA,
+        use_activation_checkpointing=True,
+    )
+    model.train()
+    model(batch(), mode="loss")["loss"].backward()
+    trained = set(grads(model))
+    assert any("lora_" in n and n.startswith("llm.") for n in trained)
+    assert any("lora_" in n and n.startswith("visual_encoder.") for n in trained)
+    keys = set(model.state_dict())
+    assert keys == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in k or k.startswith("projector.") for k in keys)
+
+
+def test_text_only_batch_still_reaches_the_projector(tiny_llama_path, clip_path):
+    model = build(tiny_llama_path, clip_path, freeze_llm=True, freeze_visual_encoder=True)
+    data = batch()
+    text_only = {k: v[2:] for k, v in data.items()}
+    model(text_only, mode="loss")["loss"].backward()
+    grad = model.projector.model[0].weight.grad
+    assert grad is not None and not grad.any()
+
+
+def test_more_image_tokens_than_images_is_an_error(tiny_llama_path, clip_path):
+    model = build(tiny_llama_path, clip_path)
+    data = batch()
+    data["pixel_values"][1] = data["pixel_values"][1][:1]
+    with pytest.raises(ValueError, match="sample 1 of the batch has 2 image token"):
+        model(data, mode="loss")
+
+
+def test_non_default_builtin_loss_trains(tiny_llama_path, clip_path):
+    others = sorted(set(LOSSES.module_dict) - {"CrossEntropyLoss", "CompositeLoss"})
+    loss = dict(type="FocalLoss", gamma=2.0) if "FocalLoss" in others else None
+    if loss is None:
+        loss = dict(type="CrossEntropyLoss", label_smoothing=0.1)
+    model = build(tiny_llama_path, clip_path, freeze_visual_encoder=True, loss=loss)
+    assert type(model.loss).__name__ == loss["type"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    data = batch()
+    values = []
+    for _ in range(6):
+        out = model(data, mode="loss")
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        values.append(out["loss"].item())
+    assert all(torch.isfinite(torch.tensor(values)))
+    assert values[-1] < 0.8 * values[0], values
+
+
+def test_pretrain_then_finetune_loads_projector(tiny_llama_path, clip_path, tmp_path):
+    stage1 = build(tiny_llama_path, clip_path, freeze_llm=True, freeze_visual_encoder=True)
+    optimizer = torch.optim.SGD(stage1.projector.parameters(), lr=1.0)
+    stage1(batch(), mode="loss")["loss"].backward()
+    optimizer.step()
+    pth = tmp_path / "iter_1.pth"
+    torch.save({"meta": {}, "state_dict": stage1.state_dict()}, pth)
+
+    stage2 = build(
+        tiny_llama_path,
+        clip_path,
+        freeze_visual_encoder=True,
+        llm_lora=LORA,
+        pretrained_pth=str(pth),
+    )
+    for key, value in stage1.projector.state_dict().items():
+        torch.testing.assert_close(stage2.projector.state_dict()[key], value)
+    fresh = build(tiny_llama_path, clip_path)
+    assert not torch.equal(fresh.projector.model[0].weight, stage1.projector.model[0].weight)
+
+    unrelated = tmp_path / "other.pth"
+    torch.save({"state_dict": {"foo.weight": torch.zeros(1)}}, unrelated)
+    with pytest.raises(ValueError, match="none of its 1 weights"):
+        build(tiny_llama_path, clip_path, pretrained_pth=str(unrelated))
+
+
+def test_huggingface_format_loads_and_gives_same_logits(
+    tiny_llama_path, clip_path, demo_assets, tmp_path
+):
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+    model = build(tiny_llama_path, clip_path, llm_lora=LORA, visual_encoder_lora=LORA)
+    model.eval()
+    cfg = Config(
+        dict(
+            tokenizer=dict(
+                type=AutoTokenizer.from_pretrained,
+                pretrained_model_name_or_path=demo_assets["tokenizer"],
+            ),
+            image_processor=dict(
+                type=CLIPImageProcessor.from_pretrained, pretrained_model_name_or_path=clip_path
+            ),
+        )
+    )
+    out_dir = str(tmp_path / "hf")
+    model.to_hf(cfg, out_dir, fp32=True, save_format="huggingface")
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32).eval()
+    image_id = AutoTokenizer.from_pretrained(out_dir).convert_tokens_to_ids("<image>")
+    assert hf.config.image_token_id == image_id
+    data = batch()
+    data = {k: (v[:2] if k != "pixel_values" else v[:2]) for k, v in data.items()}
+    with torch.no_grad():
+        ours = torch.stack([r["logits"] for r in model(data, mode="predict")])
+        _, merged = model.prepare_inputs(data)
+        ids = merged["input_ids"].masked_fill(merged["input_ids"] == IMAGE_TOKEN_INDEX, image_id)
+        pixel_values = torch.cat([data["pixel_values"][0][None], data["pixel_values"][1]])
+        theirs = hf(
+            input_ids=ids, attention_mask=merged["attention_mask"], pixel_values=pixel_values
+        ).logits
+    valid = merged["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_xtuner_format_saves_parts(tiny_llama_path, clip_path, tmp_path):
+    from xtuner.model.modules.projector import ProjectorModel
+
+    model = build(tiny_llama_path, clip_path, freeze_visual_encoder=True, llm_lora=LORA)
+    out_dir = tmp_path / "xtuner"
+    model.to_hf(None, str(out_dir), save_format="xtuner")
+    assert (out_dir / "llm_adapter" / "adapter_config.json").exists()
+    assert not (out_dir / "visual_encoder").exists()
+    projector = ProjectorModel.from_pretrained(str(out_dir / "projector"))
+    torch.testing.assert_close(
+        projector.model[0].weight.float(), model.projector.model[0].weight, rtol=1e-2, atol=1e-2
+    )
+    with pytest.raises(ValueError, match="save_format='official'"):
+        model.to_hf(None, str(out_dir), save_format="official")
