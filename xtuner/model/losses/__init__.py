@@ -7,6 +7,7 @@ Every loss here is registered in :data:`xtuner.registry.LOSSES`, so configs can 
 from .base import (
     BaseLoss,
     LossContext,
+    LossInputError,
     LossOutput,
     LossTerm,
     TokenLoss,
@@ -15,8 +16,12 @@ from .base import (
     token_weights,
 )
 from .builder import CompositeLoss, LossConfigError, build_loss
-from .cross_entropy import CrossEntropyLoss
+from .cross_entropy import CrossEntropyLoss, SampleWeightedCELoss, TokenWeightedCELoss
+from .dft import DFTLoss
+from .distill import KDLoss
+from .focal import FocalLoss
 from .normalize import finalize_loss
+from .regularizers import EntropyRegularization, ZLoss
 
 __all__ = [
     "BaseLoss",
@@ -31,5 +36,13 @@ __all__ = [
     "finalize_loss",
     "CompositeLoss",
     "LossConfigError",
+    "LossInputError",
     "CrossEntropyLoss",
+    "TokenWeightedCELoss",
+    "SampleWeightedCELoss",
+    "FocalLoss",
+    "DFTLoss",
+    "ZLoss",
+    "EntropyRegularization",
+    "KDLoss",
 ]

@@ -2,7 +2,7 @@
 
 A model hands its loss a :class:`LossContext`: the final hidden states (not logits), the
 output head's weight and bias, the labels already shifted to next-token targets, one
-per-token weight tensor per reduction mode, and per-token extras. The loss returns a
+per-token weight tensor per weight key, and per-token extras. The loss returns a
 :class:`LossOutput`: named weighted *sums* (``sum_t w_t * l_t``) and metrics. The framework
 (:mod:`xtuner.model.losses.normalize`) divides each sum by the right denominator: the
 micro-batch's, or the global one of the accumulation window on every rank, and takes care
@@ -14,6 +14,8 @@ Two levels for authors:
   from its logits row. The base class computes logits chunk by chunk from the hidden
   states and hands back each chunk's gradient computed during the forward pass, so a
   ``[tokens x vocab]`` tensor never exists whole and nothing is recomputed in backward.
+  Built-in losses also override :meth:`TokenLoss.loss_and_grad` with a closed-form
+  gradient computed in place, which keeps the extra memory at one chunk of logits.
 * :class:`BaseLoss` -- override :meth:`BaseLoss.forward` and return any terms (e.g. a
   sequence-level objective), optionally with a denominator of their own.
 """
@@ -25,21 +27,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xtuner.utils.constants import IGNORE_INDEX
 
 REDUCTIONS = ("token", "sample", "square")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class LossInputError(ValueError):
+    """The batch lacks something a loss needs, or holds values it cannot use."""
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """How per-token weights are made: a reduction mode, an extra ignored id, a scaling hook."""
+    """How per-token weights are made.
+
+    Attributes:
+        reduction: ``'token'``, ``'sample'`` or ``'square'`` (see :func:`token_weights`).
+        ignore_index: a label id to ignore besides ``-100``.
+        scale: a hook ``(labels, weights) -> weights`` (e.g. class weights).
+        use_loss_weight: multiply the data's ``loss_weight`` in (when the batch has one).
+    """
 
     reduction: str
     ignore_index: int | None = None
     scale: Callable[[Tensor, Tensor], Tensor] | None = None
+    use_loss_weight: bool = True
 
 
 @dataclass
@@ -51,9 +65,8 @@ class LossContext:
         head_weight: output head weight ``[V, D]``.
         head_bias: output head bias ``[V]`` or None.
         labels: next-token targets ``[B, S]``; ``IGNORE_INDEX`` where there is none.
-        weights: weight key (:attr:`BaseLoss.weight_key`) -> per-token weights ``[B, S]``
-            (0 where ignored), already including the data's ``loss_weight`` and the loss's
-            own token scaling.
+        weights: weight key -> per-token weights ``[B, S]`` (0 where ignored), computed by
+            :func:`compute_weights` from :meth:`BaseLoss.weight_specs`.
         extras: per-token tensors ``[B, S, ...]`` that the loss asked for
             (:meth:`BaseLoss.extra_inputs`), split like the labels.
         batch: the model's whole input batch before any sequence-parallel split.
@@ -76,23 +89,46 @@ class LossTerm:
 
     Attributes:
         value: ``sum_t w_t * l_t`` over this shard's tokens (a scalar tensor with grad).
-        weight_key: which weights (and so which denominator) apply; see
-            :attr:`BaseLoss.weight_key`.
+        weight_key: which weights' sum is the denominator; see :attr:`BaseLoss.weight_key`.
         denominator: set only by full losses that normalise by something else (e.g. the
             number of preference pairs); then ``value / denominator`` is used as it is.
+        nonfinite: what to do when the term is NaN or Inf (``'raise'`` or ``'skip'``);
+            None is ``'raise'``. :meth:`BaseLoss.make_output` fills in the loss's option.
+        grad_group: terms with the same group share one gradient computation (the terms
+            of one chunked pass): they are back-propagated together, with equal output
+            gradients, and ``'skip'`` drops them together.
     """
 
     value: Tensor
     weight_key: str = "token"
     denominator: Tensor | None = None
+    nonfinite: str | None = None
+    grad_group: str | None = None
 
 
 @dataclass
 class LossOutput:
-    """Named terms (logged as ``loss_<name>``, summed for backward) and metrics."""
+    """Named terms (logged as ``loss_<name>``, summed for backward) and metrics.
+
+    Attributes:
+        terms: term name -> :class:`LossTerm`.
+        metrics: values logged next to the loss (names must not contain ``'loss'``);
+            ``acc_correct``/``acc_total`` become ``acc`` and ``num_tokens``.
+        iteration: the training iteration, for messages.
+        anchor: a zero with a finite gradient path to the hidden states and the head; it
+            replaces skipped terms so every parameter still gets a (zero) gradient.
+    """
 
     terms: dict[str, LossTerm]
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    iteration: int | None = None
+    anchor: Tensor | None = None
+
+
+def zero_anchor(ctx: LossContext) -> Tensor:
+    """A zero that reaches the hidden states and the head (cheap: one element of each)."""
+    zero = ctx.hidden_states.reshape(-1)[:1].sum() * 0 + ctx.head_weight.reshape(-1)[:1].sum() * 0
+    return zero.float()
 
 
 class BaseLoss(nn.Module):
@@ -104,6 +140,9 @@ class BaseLoss(nn.Module):
             weighted by ``1/sqrt(n_tokens)``).
         ignore_index: an extra label id to ignore besides ``-100`` (e.g. a pad id).
         name: the name this loss's term is logged under (``loss_<name>``).
+        nonfinite: ``'raise'`` stops training when a term is NaN or Inf, naming the term
+            and the iteration; ``'skip'`` logs a warning and drops the term from that step
+            (value 0, no gradient; terms computed in the same pass are dropped with it).
     """
 
     #: batch fields this loss needs, with the data option that produces each (for errors).
@@ -112,21 +151,35 @@ class BaseLoss(nn.Module):
     default_name: str = "loss"
 
     def __init__(
-        self, reduction: str = "token", ignore_index: int | None = None, name: str | None = None
+        self,
+        reduction: str = "token",
+        ignore_index: int | None = None,
+        name: str | None = None,
+        nonfinite: str = "raise",
     ):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(
                 f"{type(self).__name__}: reduction={reduction!r} is not one of {REDUCTIONS}"
             )
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"{type(self).__name__}: nonfinite={nonfinite!r} is not one of {NONFINITE_POLICIES}"
+            )
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.name = name or self.default_name
+        self.nonfinite = nonfinite
+
+    def weight_spec(self) -> WeightSpec:
+        """How this loss's per-token weights (and so its denominator) are made."""
+        scale = self.scale_token_weights if self.scales_token_weights else None
+        return WeightSpec(self.reduction, self.ignore_index, scale)
 
     @property
     def weight_key(self) -> str:
-        """Names the per-token weights this loss reads (shared by losses that agree)."""
-        if self.ignore_index is None and not self.scales_token_weights:
+        """Names the weights whose sum normalises this loss (shared by losses that agree)."""
+        if self.weight_spec() == WeightSpec(self.reduction):
             return self.reduction
         return f"{self.reduction}@{self.name}"
 
@@ -137,20 +190,52 @@ class BaseLoss(nn.Module):
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         """Weight key -> how to compute those weights, for every term this loss returns."""
-        scale = self.scale_token_weights if self.scales_token_weights else None
-        return {self.weight_key: WeightSpec(self.reduction, self.ignore_index, scale)}
+        return {self.weight_key: self.weight_spec()}
 
     def scale_token_weights(self, labels: Tensor, weights: Tensor) -> Tensor:
         """Hook to scale per-token weights by the target (e.g. class weights)."""
         return weights
 
+    def term_names(self) -> list[str]:
+        """The names of the terms this loss returns (checked for clashes in a composite)."""
+        return [self.name]
+
+    def check_fields(self, batch: dict[str, Any]) -> None:
+        """Raises :class:`LossInputError` naming each required field the batch lacks."""
+        missing = [key for key in self.required_fields if batch.get(key) is None]
+        if missing:
+            how = "; ".join(f"'{key}': {self.required_fields[key]}" for key in missing)
+            raise LossInputError(
+                f"{type(self).__name__} (loss '{self.name}') needs the batch field(s) "
+                f"{missing}, which the data does not provide. To produce them: {how}"
+            )
+
     def extra_inputs(self, batch: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
         """Per-token tensors ``[B, S, ...]`` computed before any sequence-parallel split.
 
-        The default hands over the ``required_fields`` of the batch. A distillation loss
-        runs its teacher here.
+        Called by the model on the whole batch with the shifted labels. The default
+        checks :attr:`required_fields` and adds nothing; a distillation loss runs its
+        teacher here.
         """
-        return {key: batch[key] for key in self.required_fields}
+        self.check_fields(batch)
+        return {}
+
+    def make_output(
+        self,
+        ctx: LossContext,
+        terms: dict[str, Tensor | LossTerm],
+        metrics: dict[str, Tensor] | None = None,
+    ) -> LossOutput:
+        """Wraps terms (tensors become :class:`LossTerm` of :attr:`weight_key`) with this
+        loss's NaN policy, the iteration and a zero anchor. Full losses return this."""
+        out: dict[str, LossTerm] = {}
+        for name, term in terms.items():
+            if not isinstance(term, LossTerm):
+                term = LossTerm(term, self.weight_key)
+            if term.nonfinite is None:
+                term.nonfinite = self.nonfinite
+            out[name] = term
+        return LossOutput(out, dict(metrics or {}), ctx.iteration, zero_anchor(ctx))
 
     def forward(self, ctx: LossContext) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(ctx)")
@@ -163,10 +248,18 @@ class TokenLoss(BaseLoss):
     """A loss defined token by token: implement :meth:`token_loss`.
 
     Args:
-        chunk_size: how many tokens' logits exist at a time. Memory of the loss is
-            ``O(chunk_size x vocab)``; 0 or None computes all logits at once.
+        chunk_size: how many rows of vocabulary-sized float32 logits may exist at a time;
+            extra memory of the loss is about ``chunk_size x vocab x 4`` bytes plus the
+            head's gradient. A loss that needs :attr:`logit_rows` such rows per token
+            processes ``chunk_size // logit_rows`` tokens per chunk. 0 or None computes
+            all logits at once.
         **kwargs: see :class:`BaseLoss`.
     """
+
+    #: vocabulary-sized float rows one token needs while its loss and gradient are
+    #: computed (the logits row included). The autograd path of :meth:`loss_and_grad`
+    #: holds about 4 (logits, log-softmax, gradients); built-ins that work in place need 1.
+    logit_rows: int = 4
 
     def __init__(self, chunk_size: int | None = 1024, **kwargs):
         super().__init__(**kwargs)
@@ -174,38 +267,104 @@ class TokenLoss(BaseLoss):
             raise ValueError(f"{type(self).__name__}: chunk_size must be >= 0, got {chunk_size}")
         self.chunk_size = chunk_size or 0
 
+    @property
+    def token_weight_key(self) -> str:
+        """Names the weights that multiply each token's loss (by default those of the
+        denominator, :attr:`weight_key`)."""
+        return self.weight_key
+
+    def tokens_per_chunk(self, n_tokens: int) -> int:
+        """How many tokens' logits one chunk holds."""
+        if not self.chunk_size:
+            return max(n_tokens, 1)
+        return max(1, self.chunk_size // self.logit_rows)
+
     def token_loss(
         self, logits: Tensor, targets: Tensor, extras: dict[str, Tensor]
     ) -> Tensor | dict[str, Tensor]:
         """Loss of each target token.
 
         Args:
-            logits: ``[n, V]`` float32 logits of ``n`` valid tokens.
+            logits: ``[n, V]`` float32 (or float64) logits of ``n`` valid tokens.
             targets: ``[n]`` target ids.
             extras: the per-token extras of those tokens, ``[n, ...]`` each.
 
         Returns:
-            ``[n]`` per-token losses, or a dict of them for several terms (logged as
-            ``loss_<name>_<key>``).
+            ``[n]`` per-token losses (the term :attr:`name`), or a dict of them for
+            several terms, keyed by term name (each logged as ``loss_<name>``).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement token_loss")
 
+    def loss_and_grad(
+        self, logits: Tensor, targets: Tensor, extras: dict[str, Tensor], weights: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-token losses of one chunk and the gradient of their weighted sum.
+
+        The default differentiates :meth:`token_loss` with autograd. Overrides may work in
+        place on ``logits`` (the chunk owns it) to save memory.
+
+        Args:
+            logits: ``[n, V]`` float logits of the chunk; may be overwritten.
+            targets: ``[n]`` target ids.
+            extras: per-token extras of the chunk.
+            weights: ``[n]`` token weights.
+
+        Returns:
+            (term name -> ``[n]`` detached per-token losses, ``d sum_k sum_t w_t l_kt / d
+            logits`` of shape ``[n, V]``).
+        """
+        logits = logits.detach().requires_grad_()
+        with torch.enable_grad():
+            out = self.token_loss(logits, targets, extras)
+            if not isinstance(out, dict):
+                out = {self.name: out}
+            total = sum((value * weights).sum() for value in out.values())
+        if isinstance(total, Tensor) and total.requires_grad:
+            (grad,) = torch.autograd.grad(total, logits)
+        else:
+            grad = torch.zeros_like(logits)
+        return {key: value.detach() for key, value in out.items()}, grad
+
     def forward(self, ctx: LossContext) -> LossOutput:
-        weights = ctx.weights[self.weight_key]
-        valid = weights != 0
-        hidden = ctx.hidden_states[valid]
-        targets = ctx.labels[valid]
-        tok_w = weights[valid].float()
-        extras = {k: v[valid] for k, v in ctx.extras.items()}
+        tok_w = ctx.weights[self.token_weight_key]
+        valid = tok_w != 0
+        dim = ctx.hidden_states.shape[-1]
+        if bool(valid.all()):
+            # Every position counts: views, no copies.
+            hidden = ctx.hidden_states.reshape(-1, dim)
+            targets, tok_w = ctx.labels.reshape(-1), tok_w.reshape(-1)
+            extras = {k: v.reshape(-1, *v.shape[2:]) for k, v in ctx.extras.items()}
+        else:
+            hidden, targets, tok_w = ctx.hidden_states[valid], ctx.labels[valid], tok_w[valid]
+            extras = {k: v[valid] for k, v in ctx.extras.items()}
+        check_targets(targets, ctx.head_weight.shape[0], type(self).__name__)
+        tok_w = tok_w.to(torch.promote_types(ctx.head_weight.dtype, torch.float32))
         sums, n_correct = chunked_token_loss(
             self, hidden, ctx.head_weight, ctx.head_bias, targets, tok_w, extras
         )
+        group = "+".join(sums)
         terms = {
-            (self.name if key is None else f"{self.name}_{key}"): LossTerm(value, self.weight_key)
-            for key, value in sums.items()
+            key: LossTerm(value, self.weight_key, grad_group=group) for key, value in sums.items()
         }
         metrics = {"acc_correct": n_correct, "acc_total": valid.sum().to(n_correct)}
-        return LossOutput(terms, metrics)
+        return self.make_output(ctx, terms, metrics)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
+
+
+def check_targets(targets: Tensor, vocab_size: int, owner: str) -> None:
+    """Raises :class:`LossInputError` if a target id is outside ``[0, vocab_size)``."""
+    if targets.numel() == 0:
+        return
+    low, high = torch.stack([targets.min(), targets.max()]).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise LossInputError(
+            f"{owner}: label id {bad} is outside the output head's vocabulary [0, {vocab_size}). "
+            "The tokenizer and the model disagree: resize the embeddings (SupervisedFinetune's "
+            "tokenizer=...) or mark the position with -100"
+        )
 
 
 def chunked_token_loss(
@@ -216,19 +375,87 @@ def chunked_token_loss(
     targets: Tensor,
     tok_w: Tensor,
     extras: dict[str, Tensor],
-) -> tuple[dict[str | None, Tensor], Tensor]:
+) -> tuple[dict[str, Tensor], Tensor]:
     """Weighted sums of a token loss, computed chunk by chunk with gradients in forward.
 
+    Args:
+        loss: the token loss.
+        hidden: ``[n, D]`` hidden states of the valid tokens.
+        weight: ``[V, D]`` head weight; ``bias``: ``[V]`` or None.
+        targets: ``[n]`` target ids; ``tok_w``: ``[n]`` token weights.
+        extras: per-token extras, ``[n, ...]`` each.
+
     Returns:
-        (term key -> ``sum(w * l)``, number of tokens whose argmax equals the target). The
-        key is None when :meth:`TokenLoss.token_loss` returns a single tensor.
+        (term name -> ``sum(w * l)``, number of tokens whose argmax equals the target).
     """
-    keys = list(extras)
+    names: list[str] = []  # filled by the forward: an autograd.Function returns tensors only
     outputs = _ChunkedTokenLoss.apply(
-        hidden, weight, bias, targets, tok_w, loss, keys, *extras.values()
+        hidden, weight, bias, targets, tok_w, loss, names, list(extras), *extras.values()
     )
-    # autograd.Function returns tensors only: the term names travel on the loss object.
-    return dict(zip(loss._last_term_keys, outputs[:-1])), outputs[-1]
+    return dict(zip(names, outputs[:-1])), outputs[-1]
+
+
+def _chunk_pass(
+    loss: TokenLoss,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    tok_w: Tensor,
+    extras: dict[str, Tensor],
+    need: tuple[bool, bool, bool],
+) -> tuple[dict[str, Tensor], Tensor, list[Tensor | None]]:
+    """Loss sums, accuracy count and the gradients w.r.t. (hidden, weight, bias).
+
+    Per chunk: one matmul for the logits, the loss's own gradient w.r.t. the logits
+    (usually in place), then two matmuls accumulating straight into preallocated gradients.
+    """
+    n = hidden.shape[0]
+    step = loss.tokens_per_chunk(n)
+    grad_h = hidden.new_empty(hidden.shape, dtype=weight.dtype) if need[0] else None
+    grad_w = torch.zeros_like(weight) if need[1] else None
+    grad_b = torch.zeros_like(bias) if need[2] and bias is not None else None
+    sums: dict[str, Tensor] = {}
+    n_correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # The logits of every chunk go to the same buffer(s): fresh [chunk x V] allocations
+    # cost page faults on CPU. Half-precision heads also get a float32 copy.
+    rows = min(step, max(n, 1))
+    buffer = weight.new_empty(rows, weight.shape[0])
+    compute_dtype = torch.promote_types(weight.dtype, torch.float32)
+    upcast = (
+        buffer.new_empty(buffer.shape, dtype=compute_dtype)
+        if buffer.dtype != compute_dtype
+        else None
+    )
+    # One (possibly empty) chunk even without tokens, so the term names are known.
+    for start in range(0, max(n, 1), step):
+        end = min(start + step, n)
+        h = hidden[start:end].to(weight.dtype)
+        logits = torch.mm(h, weight.t(), out=buffer[: end - start])
+        if bias is not None:
+            logits.add_(bias)
+        if upcast is not None:
+            logits = upcast[: end - start].copy_(logits)
+        y = targets[start:end]
+        # A token is correct when its target's logit is the row's maximum (cheaper than argmax).
+        n_correct += (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).sum()
+        w = tok_w[start:end]
+        values, grad = loss.loss_and_grad(
+            logits, y, {k: v[start:end] for k, v in extras.items()}, w
+        )
+        del logits
+        for key, value in values.items():
+            part = (value * w).sum()
+            sums[key] = part if key not in sums else sums[key] + part
+        grad = grad.to(weight.dtype)
+        if grad_h is not None:
+            torch.mm(grad, weight, out=grad_h[start:end])
+        if grad_w is not None:
+            grad_w.addmm_(grad.t(), h)
+        if grad_b is not None:
+            grad_b.add_(grad.sum(0))
+        del grad  # the next chunk overwrites the buffer
+    return sums, n_correct, [grad_h, grad_w, grad_b]
 
 
 class _ChunkedTokenLoss(torch.autograd.Function):
@@ -237,86 +464,45 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     Since the loss is the last operation of the graph, the gradient of a weighted sum with
     respect to hidden states and head is known once the forward is done; computing it chunk
     by chunk in the forward keeps the peak at one chunk of logits, with no recomputation.
+    All terms share one gradient (that of their sum), so backward needs equal output
+    gradients for them, which the normalisation always gives. The stored gradients are
+    scaled in place and handed over (no copy of the head's gradient); a second backward
+    through the same graph (``retain_graph=True``) recomputes them.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tok_w, loss, keys, *extra_values):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n = hidden.shape[0]
-        chunk = loss.chunk_size or max(n, 1)
+    def forward(ctx, hidden, weight, bias, targets, tok_w, loss, names, keys, *extra_values):
+        need = tuple(ctx.needs_input_grad[:3])
         extras = dict(zip(keys, extra_values))
-        sums: dict[str | None, Tensor] = {}
-        grads: dict[str | None, list[Tensor | None]] = {}
-        n_correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else None
-        starts = range(0, n, chunk) if n > 0 else [0]
-        for start in starts:
-            end = min(start + chunk, n)
-            h = hidden[start:end].detach().requires_grad_(need_h)
-            w = weight.detach().requires_grad_(need_w)
-            b = bias.detach().requires_grad_(need_b) if bias is not None else None
-            with torch.enable_grad():
-                logits = F.linear(h, w, b)
-                if logits.dtype in (torch.float16, torch.bfloat16):
-                    logits = logits.float()
-                per_token = loss.token_loss(
-                    logits, targets[start:end], {k: v[start:end] for k, v in extras.items()}
-                )
-                if not isinstance(per_token, dict):
-                    per_token = {None: per_token}
-                chunk_sums = {k: (v * tok_w[start:end].to(v)).sum() for k, v in per_token.items()}
-            with torch.no_grad():
-                if end > start:
-                    n_correct += (logits.argmax(-1) == targets[start:end]).sum()
-            wrt = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
-            last = len(chunk_sums) - 1
-            for j, (key, value) in enumerate(chunk_sums.items()):
-                sums[key] = sums.get(key, 0) + value.detach()
-                if not wrt or not value.requires_grad:
-                    continue
-                got = iter(torch.autograd.grad(value, wrt, allow_unused=True, retain_graph=j < last))
-                acc = grads.setdefault(key, [None, None, None])
-                for i, need in enumerate((need_h, need_w, need_b)):
-                    if not need:
-                        continue
-                    g = next(got)
-                    if g is None:
-                        continue
-                    if i == 0:
-                        if acc[0] is None:
-                            acc[0] = torch.zeros_like(hidden)
-                        acc[0][start:end] = g
-                    else:
-                        g = g.to(acc_dtype) if acc_dtype is not None else g
-                        acc[i] = g if acc[i] is None else acc[i].add_(g)
-        term_keys = list(sums)
-        loss._last_term_keys = term_keys
-        ctx.term_keys = term_keys
-        ctx.grads = grads
-        ctx.shapes = (hidden, weight, bias)
+        sums, n_correct, grads = _chunk_pass(
+            loss, hidden, weight, bias, targets, tok_w, extras, need
+        )
+        names.extend(sums)
+        ctx.loss, ctx.keys, ctx.need, ctx.grads = loss, keys, need, grads
+        ctx.save_for_backward(hidden, weight, bias, targets, tok_w, *extra_values)
         ctx.mark_non_differentiable(n_correct)
-        return (*[sums[k] for k in term_keys], n_correct)
+        return (*sums.values(), n_correct)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        hidden, weight, bias = ctx.shapes
-        out: list[Tensor | None] = [None, None, None]
-        for key, g_out in zip(ctx.term_keys, grad_outputs):
-            acc = ctx.grads.get(key)
-            if acc is None or g_out is None:
-                continue
-            for i, like in enumerate((hidden, weight, bias)):
-                if acc[i] is None:
-                    continue
-                g = acc[i] * g_out.to(acc[i].dtype)
-                out[i] = g if out[i] is None else out[i] + g
-        for i, like in enumerate((hidden, weight, bias)):
-            if out[i] is not None and like is not None:
-                out[i] = out[i].to(like.dtype)
-            elif ctx.needs_input_grad[i] and like is not None:
-                out[i] = torch.zeros_like(like)
-        ctx.grads = None
-        return (*out, None, None, None, None, *([None] * (len(ctx.needs_input_grad) - 7)))
+        grads, ctx.grads = ctx.grads, None
+        hidden, weight, bias, targets, tok_w, *extra_values = ctx.saved_tensors
+        if grads is None:
+            extras = dict(zip(ctx.keys, extra_values))
+            grads = _chunk_pass(ctx.loss, hidden, weight, bias, targets, tok_w, extras, ctx.need)[2]
+        term_grads = grad_outputs[:-1]
+        scale = term_grads[0]
+        if len(term_grads) > 1 and not bool(torch.stack(term_grads).eq(scale).all()):
+            raise RuntimeError(
+                f"{type(ctx.loss).__name__}: its terms share one gradient computation, so they "
+                "must be back-propagated together with equal weights (got output gradients "
+                f"{[float(g) for g in term_grads]}). Weight terms with loss_weight in the loss "
+                "config instead of after the loss."
+            )
+        out = []
+        for grad, like in zip(grads, (hidden, weight, bias)):
+            out.append(None if grad is None else grad.mul_(scale).to(like.dtype))
+        return (*out, None, None, None, None, None, *([None] * len(extra_values)))
 
 
 def valid_targets(labels: Tensor, ignore_index: int | None = None) -> Tensor:
@@ -377,6 +563,9 @@ def compute_weights(
     """Per-token weights for every weight key of a loss (before any sequence-parallel split)."""
     out: dict[str, Tensor] = {}
     for key, spec in specs.items():
-        weights = token_weights(labels, spec.reduction, position_ids, loss_weight, spec.ignore_index)
+        data_weight = loss_weight if spec.use_loss_weight else None
+        weights = token_weights(
+            labels, spec.reduction, position_ids, data_weight, spec.ignore_index
+        )
         out[key] = spec.scale(labels, weights) if spec.scale is not None else weights
     return out

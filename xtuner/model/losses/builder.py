@@ -5,11 +5,12 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from mmengine.config import ConfigDict
 from mmengine.utils import import_modules_from_strings
-from torch import nn
+from torch import Tensor, nn
 
 from xtuner.registry import LOSSES
 
@@ -38,7 +39,9 @@ def _resolve_type(loss_type: Any) -> type:
                 "Check the dotted path, or that the module is on PYTHONPATH."
             ) from exc
         if not hasattr(module, attr):
-            raise LossConfigError(f"loss type {loss_type!r}: module {module_name!r} has no {attr!r}")
+            raise LossConfigError(
+                f"loss type {loss_type!r}: module {module_name!r} has no {attr!r}"
+            )
         return getattr(module, attr)
     names = sorted(LOSSES.module_dict)
     close = difflib.get_close_matches(loss_type, names, n=1, cutoff=0.5)
@@ -75,25 +78,30 @@ def build_loss(cfg: Any) -> BaseLoss:
         raise LossConfigError(f"loss must be a dict(type=...), a list of them or None, got {cfg!r}")
     cfg = dict(cfg)
     if "type" not in cfg:
-        raise LossConfigError(f"loss config {cfg} has no 'type' key; e.g. dict(type='CrossEntropyLoss')")
+        raise LossConfigError(
+            f"loss config {cfg} has no 'type' key; e.g. dict(type='CrossEntropyLoss')"
+        )
+    if "loss_weight" in cfg:
+        return CompositeLoss([cfg])
     cls = _resolve_type(cfg.pop("type"))
+    if not (isinstance(cls, type) and issubclass(cls, BaseLoss)):
+        raise LossConfigError(
+            f"loss type {cls!r} is not a subclass of xtuner.model.losses.BaseLoss; derive "
+            "from TokenLoss (a per-token loss) or BaseLoss (a full loss)"
+        )
     accepted = _accepted_args(cls)
     unknown = [k for k in cfg if k not in accepted]
     if unknown:
+        close = {k: difflib.get_close_matches(k, sorted(accepted), n=1) for k in unknown}
+        hints = "".join(f" Did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
         raise LossConfigError(
-            f"{cls.__name__}: unknown argument(s) {unknown}. "
+            f"{cls.__name__}: unknown argument(s) {unknown}.{hints} "
             f"It accepts: {', '.join(sorted(accepted))}"
         )
     try:
-        loss = cls(**cfg)
+        return cls(**cfg)
     except TypeError as exc:
         raise LossConfigError(f"{cls.__name__}: {exc}") from exc
-    if not isinstance(loss, BaseLoss):
-        raise LossConfigError(
-            f"{cls.__name__} is not a xtuner.model.losses.BaseLoss; derive from TokenLoss "
-            "(per-token) or BaseLoss (full loss)"
-        )
-    return loss
 
 
 def _accepted_args(cls: type) -> set[str]:
@@ -116,22 +124,28 @@ def _accepted_args(cls: type) -> set[str]:
 class CompositeLoss(BaseLoss):
     """A weighted sum of losses, each term logged under its own name.
 
+    Token losses that read the same weights and chunk size are fused: their logits are
+    computed once per chunk for all of them, and their gradients summed before the two
+    gradient matmuls.
+
     Args:
         losses: loss configs or modules. A dict may carry ``loss_weight`` (default 1.0).
-        weights: optional weights, one per loss (instead of ``loss_weight`` keys).
-
-    Token losses that read the same weights are fused: their logits are computed once per
-    chunk for all of them.
+        weights: optional weights, one per loss (multiplied with any ``loss_weight``).
+        nonfinite: None keeps each loss's own NaN policy; ``'raise'`` or ``'skip'`` sets it
+            for all of them.
     """
 
-    def __init__(self, losses: Sequence[Any], weights: Sequence[float] | None = None):
-        super().__init__(name="composite")
+    def __init__(
+        self,
+        losses: Sequence[Any],
+        weights: Sequence[float] | None = None,
+        nonfinite: str | None = None,
+    ):
+        super().__init__(name="composite", nonfinite=nonfinite or "raise")
         if not losses:
             raise LossConfigError("CompositeLoss needs at least one loss")
         if weights is not None and len(weights) != len(losses):
-            raise LossConfigError(
-                f"CompositeLoss: {len(weights)} weights for {len(losses)} losses"
-            )
+            raise LossConfigError(f"CompositeLoss: {len(weights)} weights for {len(losses)} losses")
         built, factors = [], []
         for i, cfg in enumerate(losses):
             factor = 1.0 if weights is None else float(weights[i])
@@ -140,12 +154,16 @@ class CompositeLoss(BaseLoss):
                 factor *= float(cfg.pop("loss_weight"))
             built.append(build_loss(cfg))
             factors.append(factor)
-        names = [loss.name for loss in built]
-        for i, loss in enumerate(built):
-            if names.count(loss.name) > 1:
-                loss.name = f"{loss.name}{i}"
+        if nonfinite is not None:
+            for loss in built:
+                for module in loss.modules():
+                    if isinstance(module, BaseLoss):
+                        module.nonfinite = nonfinite
+        _dedupe_names(built)
         self.losses = nn.ModuleList(built)
         self.factors = factors
+        # A plain list: the fused helpers are not submodules (their parts are, above).
+        self._plan = _fusion_plan(built, factors)
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         specs: dict[str, WeightSpec] = {}
@@ -160,70 +178,135 @@ class CompositeLoss(BaseLoss):
             fields.update(loss.required_fields)
         return fields
 
-    def extra_inputs(self, batch, labels):
-        extras = {}
+    def term_names(self) -> list[str]:
+        return [name for loss in self.losses for name in loss.term_names()]
+
+    def extra_inputs(self, batch: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
+        extras: dict[str, Tensor] = {}
         for loss in self.losses:
-            extras.update(loss.extra_inputs(batch, labels))
+            for key, value in loss.extra_inputs(batch, labels).items():
+                if key in extras:
+                    raise LossConfigError(
+                        f"CompositeLoss: two losses produce the extra input {key!r}; give "
+                        "them different names"
+                    )
+                extras[key] = value
         return extras
 
     def forward(self, ctx: LossContext) -> LossOutput:
         terms: dict[str, LossTerm] = {}
-        metrics = {}
-        for group, factors in self._fused_groups():
-            out = group(ctx)
+        metrics: dict[str, Tensor] = {}
+        for loss, factor in self._plan:
+            out = loss(ctx)
             for name, term in out.terms.items():
-                factor = factors.get(name, 1.0)
-                terms[name] = LossTerm(term.value * factor, term.weight_key, term.denominator)
-            if "acc_correct" in out.metrics and "acc_correct" in metrics:
-                continue
-            metrics.update(out.metrics)
-        return LossOutput(terms, metrics)
+                if name in terms:
+                    raise LossConfigError(
+                        f"CompositeLoss: two losses return a term named {name!r}; set name=... "
+                        "on one of them"
+                    )
+                terms[name] = term if factor == 1.0 else replace(term, value=term.value * factor)
+            for key, value in out.metrics.items():
+                metrics.setdefault(key, value)
+        return self.make_output(ctx, terms, metrics)
 
-    def _fused_groups(self):
-        """Yields (loss, {term name: factor}); token losses sharing weights run as one."""
-        token_groups: dict[tuple, list[int]] = {}
-        for i, loss in enumerate(self.losses):
-            if type(loss).forward is TokenLoss.forward:
-                token_groups.setdefault((loss.weight_key, loss.chunk_size), []).append(i)
-        done = set()
-        for i, loss in enumerate(self.losses):
-            if i in done:
-                continue
-            members = next((g for g in token_groups.values() if i in g), [i])
-            done.update(members)
-            if len(members) == 1:
-                yield loss, {loss.name: self.factors[i]}
-                continue
-            fused = _FusedTokenLoss([self.losses[j] for j in members])
-            yield fused, {self.losses[j].name: self.factors[j] for j in members}
+    def extra_repr(self) -> str:
+        return f"factors={self.factors}"
+
+
+def _dedupe_names(losses: list[BaseLoss]) -> None:
+    """Renames a single-term loss whose name is taken (``ce``, ``ce_1``); else raises."""
+    seen: set[str] = set()
+    for loss in losses:
+        names = loss.term_names()
+        clash = [name for name in names if name in seen]
+        if clash and names == [loss.name]:
+            i = 1
+            while f"{loss.name}_{i}" in seen:
+                i += 1
+            loss.name = f"{loss.name}_{i}"
+            names = [loss.name]
+        elif clash:
+            raise LossConfigError(
+                f"CompositeLoss: {type(loss).__name__} logs {clash}, which another loss logs "
+                "too; set name=... on one of them"
+            )
+        seen.update(names)
+
+
+def _fusable(loss: BaseLoss) -> bool:
+    return isinstance(loss, TokenLoss) and type(loss).forward is TokenLoss.forward
+
+
+def _fusion_plan(losses: list[BaseLoss], factors: list[float]) -> list[tuple[BaseLoss, float]]:
+    """(loss to run, factor to apply to its terms); token losses sharing weights fuse."""
+    groups: dict[tuple, list[int]] = {}
+    for i, loss in enumerate(losses):
+        if _fusable(loss):
+            key = (loss.token_weight_key, loss.weight_key, loss.chunk_size)
+            groups.setdefault(key, []).append(i)
+    plan, done = [], set()
+    for i, loss in enumerate(losses):
+        if i in done:
+            continue
+        members = next((g for g in groups.values() if i in g), [i])
+        done.update(members)
+        if len(members) == 1:
+            plan.append((loss, factors[i]))
+        else:
+            parts = [losses[j] for j in members]
+            plan.append((_FusedTokenLoss(parts, [factors[j] for j in members]), 1.0))
+    return plan
 
 
 class _FusedTokenLoss(TokenLoss):
-    """Several token losses over one pass of chunked logits."""
+    """Several token losses over one pass of chunked logits; factors applied per part."""
 
-    def __init__(self, losses: list[TokenLoss]):
-        first = losses[0]
-        super().__init__(chunk_size=first.chunk_size, reduction=first.reduction, name="fused")
-        self.ignore_index = first.ignore_index
-        self.parts = losses
-        self._key = first.weight_key
+    def __init__(self, parts: list[TokenLoss], factors: list[float]):
+        first = parts[0]
+        super().__init__(
+            chunk_size=first.chunk_size,
+            reduction=first.reduction,
+            name="+".join(part.name for part in parts),
+        )
+        self.parts = parts  # a plain list: the parts are registered in the CompositeLoss
+        self.factors = factors
+        self._policy: dict[str, str] = {}
 
     @property
     def weight_key(self) -> str:
-        return self._key
+        return self.parts[0].weight_key
 
-    def token_loss(self, logits, targets, extras):
-        out = {}
-        for part in self.parts:
-            value = part.token_loss(logits, targets, extras)
-            if isinstance(value, dict):
-                out.update({f"{part.name}_{k}": v for k, v in value.items()})
-            else:
-                out[part.name] = value
-        return out
+    @property
+    def token_weight_key(self) -> str:
+        return self.parts[0].token_weight_key
+
+    @property
+    def logit_rows(self) -> int:  # type: ignore[override]
+        # The chunk, a gradient accumulator, one copy per further part, and the extra rows
+        # the hungriest part needs beyond its own copy.
+        copies = min(len(self.parts), 3)
+        return copies + max(part.logit_rows for part in self.parts) - 1
+
+    def term_names(self) -> list[str]:
+        return [name for part in self.parts for name in part.term_names()]
+
+    def loss_and_grad(self, logits, targets, extras, weights):
+        values: dict[str, Tensor] = {}
+        grad = None
+        last = len(self.parts) - 1
+        for i, (part, factor) in enumerate(zip(self.parts, self.factors)):
+            own = logits if i == last else logits.clone()
+            part_values, part_grad = part.loss_and_grad(own, targets, extras, weights * factor)
+            del own
+            for key, value in part_values.items():
+                values[key] = value * factor
+                self._policy[key] = part.nonfinite
+            grad = part_grad if grad is None else grad.add_(part_grad)
+            del part_grad
+        return values, grad
 
     def forward(self, ctx: LossContext) -> LossOutput:
         out = super().forward(ctx)
-        # Term keys come back as "fused_<part>": drop the prefix.
-        terms = {name.split("_", 1)[1]: term for name, term in out.terms.items()}
-        return LossOutput(terms, out.metrics)
+        for name, term in out.terms.items():
+            term.nonfinite = self._policy.get(name, term.nonfinite)
+        return out

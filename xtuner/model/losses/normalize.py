@@ -7,10 +7,19 @@ accumulation window on every rank, already divided by the number of ranks gradie
 averaged over and by the optim wrapper's accumulation divisor), the term backpropagates
 ``sum(w*l) / loss_denominator``; without it, the micro-batch mean. Value and gradient are
 joined with a detached correction: ``shown + (g - g.detach())``.
+
+A term that is NaN or Inf is handled by its ``nonfinite`` policy (see
+:class:`~xtuner.model.losses.base.BaseLoss`): ``'raise'`` stops with the term's name and the
+iteration; ``'skip'`` warns and replaces the term (and the terms sharing its gradient
+computation) by a zero that still reaches every parameter.
 """
 
 from __future__ import annotations
 
+import logging
+
+import torch
+from mmengine.logging import print_log
 from torch import Tensor
 
 from xtuner.parallel.comm import sp_all_reduce_sum
@@ -43,25 +52,73 @@ def finalize_loss(
         weights: weight key -> this shard's per-token weights.
         loss_denominator: weight key -> effective global denominator, or None for the
             micro-batch mean.
+
+    Raises:
+        FloatingPointError: a term with ``nonfinite='raise'`` is NaN or Inf.
     """
     sp = get_sequence_parallel_world_size()
-    result: dict[str, Tensor] = {}
+    shown: dict[str, Tensor] = {}
+    grads: dict[str, Tensor] = {}
     for name, term in output.terms.items():
         key = term_key(name, len(output.terms))
         if term.denominator is not None:
-            result[key] = _safe_div(term.value, term.denominator)
+            grads[key] = _safe_div(term.value, term.denominator)
+            shown[key] = grads[key].detach()
             continue
         local_den = weights[term.weight_key].sum().to(term.value)
         group_den = sp_all_reduce_sum(local_den)
-        shown = _safe_div(sp_all_reduce_sum(term.value), group_den)
+        shown[key] = _safe_div(sp_all_reduce_sum(term.value), group_den)
         if loss_denominator is not None and term.weight_key in loss_denominator:
-            grad_part = _safe_div(term.value, loss_denominator[term.weight_key].to(term.value))
+            grads[key] = term.value / loss_denominator[term.weight_key].to(term.value)
         else:
             # Data-parallel averaging also divides by the sequence-parallel ranks, which all
             # hold parts of the same sequence: multiply back by sp.
-            grad_part = _safe_div(term.value * sp, group_den)
-        result[key] = shown.detach() + (grad_part - grad_part.detach())
+            grads[key] = _safe_div(term.value * sp, group_den)
+    dropped = _nonfinite_terms(output, shown)
+    result: dict[str, Tensor] = {}
+    for key, value in shown.items():
+        if key in dropped:
+            zero = output.anchor if output.anchor is not None else value.new_zeros(())
+            result[key] = zero if zero.requires_grad else zero.requires_grad_()
+        else:
+            result[key] = value.detach() + (grads[key] - grads[key].detach())
+    result.update(_metrics(output))
+    return result
+
+
+def _nonfinite_terms(output: LossOutput, shown: dict[str, Tensor]) -> set[str]:
+    """Keys of the terms to drop this step; raises for a bad term whose policy is 'raise'."""
+    if not shown:
+        return set()
+    finite = torch.stack([v.detach().float() for v in shown.values()]).isfinite().tolist()
+    keys = list(shown)
+    names = dict(zip(keys, output.terms))
+    bad = [key for key, ok in zip(keys, finite) if not ok]
+    if not bad:
+        return set()
+    at = "" if output.iteration is None else f" at iteration {output.iteration}"
+    described = ", ".join(f"'{key}' = {float(shown[key])}" for key in bad)
+    raising = [key for key in bad if output.terms[names[key]].nonfinite in (None, "raise")]
+    if raising:
+        raise FloatingPointError(
+            f"loss term {described}{at}. Check the data and the learning rate, or set "
+            "nonfinite='skip' on the loss to drop such terms from a step with a warning."
+        )
+    groups = {output.terms[names[key]].grad_group for key in bad} - {None}
+    dropped = set(bad) | {key for key in keys if output.terms[names[key]].grad_group in groups}
+    shared = sorted(dropped - set(bad))
+    also = f" (with {shared}, computed in the same pass)" if shared else ""
+    print_log(
+        f"loss term {described}{at}: skipped for this step{also} (nonfinite='skip')",
+        logger="current",
+        level=logging.WARNING,
+    )
+    return dropped
+
+
+def _metrics(output: LossOutput) -> dict[str, Tensor]:
     metrics = dict(output.metrics)
+    result: dict[str, Tensor] = {}
     if "acc_correct" in metrics:
         correct = sp_all_reduce_sum(metrics.pop("acc_correct"))
         total = sp_all_reduce_sum(metrics.pop("acc_total"))

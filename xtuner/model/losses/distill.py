@@ -1,0 +1,188 @@
+"""Knowledge distillation from a frozen teacher built from config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mmengine.config import ConfigDict
+from torch import Tensor, nn
+
+from xtuner.registry import BUILDER, LOSSES
+
+from .base import LossInputError, TokenLoss
+from .cross_entropy import cross_entropy_and_grad_
+from .functional import log_softmax_, row_dot
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@LOSSES.register_module()
+class KDLoss(TokenLoss):
+    """Distillation from a frozen teacher, optionally mixed with cross-entropy.
+
+    With ``P = softmax(z_student / T)`` and ``Q = softmax(z_teacher / T)``:
+
+    * ``forward_kl``: ``D = KL(Q || P) = sum_v Q_v (log Q_v - log P_v)`` (Hinton et al.,
+      "Distilling the Knowledge in a Neural Network", arXiv 1503.02531);
+    * ``reverse_kl``: ``D = KL(P || Q)`` (mode-seeking; Gu et al., MiniLLM, arXiv 2306.08543);
+    * ``jsd``: generalised Jensen-Shannon ``D = beta KL(Q || M) + (1 - beta) KL(P || M)``
+      with ``M = beta Q + (1 - beta) P`` (Agarwal et al., GKD, arXiv 2306.13649).
+
+    Per token: ``kd_t = (1 - ce_weight) * T^2 * D_t`` (``T^2`` keeps gradient magnitudes
+    comparable across temperatures) and, when ``ce_weight > 0``, ``ce_t = ce_weight * CE_t``
+    (at temperature 1), logged as ``loss_<name>`` and ``loss_ce``.
+
+    The teacher runs once per batch under ``no_grad`` in :meth:`extra_inputs`, before any
+    sequence-parallel split, and hands over only its final hidden states; its logits are
+    computed chunk by chunk with its own output head, never for all tokens at once. The
+    teacher is not a submodule: it stays out of ``state_dict()``, ``parameters()`` and the
+    optimizer, but follows ``.to()``, ``.cuda()``, ``.half()`` of the model.
+
+    Args:
+        teacher: an HF causal LM (or any module with ``get_output_embeddings()`` and a
+            decoder returning ``last_hidden_state``), or its config, built with
+            ``xtuner.registry.BUILDER`` (e.g. ``dict(type=AutoModelForCausalLM.from_pretrained,
+            pretrained_model_name_or_path=...)``). It must share the student's vocabulary.
+        divergence: ``'forward_kl'``, ``'reverse_kl'`` or ``'jsd'``.
+        temperature: ``T > 0``.
+        beta: the JSD mixture weight, in ``(0, 1)``.
+        ce_weight: weight of cross-entropy, in ``[0, 1]``; the divergence gets
+            ``1 - ce_weight``.
+        **kwargs: ``reduction``, ``ignore_index``, ``chunk_size``, ``name``, ``nonfinite``.
+    """
+
+    default_name = "kd"
+    required_fields = {"input_ids": "the tokenised batch (every XTuner data pipeline has it)"}
+
+    def __init__(
+        self,
+        teacher: Any,
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        ce_weight: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"KDLoss: divergence={divergence!r} is not one of {DIVERGENCES}")
+        if temperature <= 0:
+            raise ValueError(f"KDLoss: temperature must be > 0, got {temperature}")
+        if divergence == "jsd" and not 0 < beta < 1:
+            raise ValueError(f"KDLoss: beta must be in (0, 1) for 'jsd', got {beta}")
+        if not 0 <= ce_weight <= 1:
+            raise ValueError(f"KDLoss: ce_weight must be in [0, 1], got {ce_weight}")
+        if isinstance(teacher, (dict, ConfigDict)):
+            teacher = BUILDER.build(teacher)
+        if not isinstance(teacher, nn.Module) or teacher.get_output_embeddings() is None:
+            raise TypeError(
+                "KDLoss: teacher must be a causal LM module with an output head "
+                f"(get_output_embeddings()), or its config dict; got {type(teacher).__name__}"
+            )
+        teacher.eval().requires_grad_(False)
+        # Stored outside nn.Module's registry: not a submodule, so not trained or saved.
+        object.__setattr__(self, "teacher", teacher)
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.beta = float(beta)
+        self.ce_weight = float(ce_weight)
+
+    @property
+    def logit_rows(self) -> int:  # type: ignore[override]
+        rows = {"forward_kl": 3, "reverse_kl": 3, "jsd": 4}[self.divergence]
+        return rows + (1 if self.ce_weight else 0)
+
+    @property
+    def teacher_key(self) -> str:
+        """The extras key of the teacher's hidden states (unique per loss name)."""
+        return f"{self.name}.teacher_hidden"
+
+    def term_names(self) -> list[str]:
+        return [self.name] + (["ce"] if self.ce_weight else [])
+
+    def _apply(self, fn, recurse=True):
+        # Device and dtype moves reach the teacher although it is not a submodule.
+        self.teacher._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def _teacher_backbone(self) -> nn.Module:
+        prefix = getattr(self.teacher, "base_model_prefix", "")
+        return getattr(self.teacher, prefix, None) or self.teacher.get_decoder()
+
+    def extra_inputs(self, batch: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
+        """Runs the teacher on the whole batch; returns its final hidden states."""
+        self.check_fields(batch)
+        inputs = {"input_ids": batch["input_ids"]}
+        mask = batch.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            inputs["attention_mask"] = mask
+        if batch.get("position_ids") is not None:
+            inputs["position_ids"] = batch["position_ids"]
+        with torch.no_grad():
+            out = self._teacher_backbone()(**inputs, use_cache=False)
+        return {self.teacher_key: out.last_hidden_state}
+
+    def _teacher_logits(self, hidden: Tensor, like: Tensor) -> Tensor:
+        head = self.teacher.get_output_embeddings()
+        if head.weight.shape[0] != like.shape[-1]:
+            raise LossInputError(
+                f"KDLoss: the teacher's vocabulary ({head.weight.shape[0]}) differs from the "
+                f"student's ({like.shape[-1]}); distillation needs the same tokenizer and "
+                "output size"
+            )
+        return F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).to(like.dtype)
+
+    def loss_and_grad(self, logits, targets, extras, weights):
+        values, ce_grad = {}, None
+        if self.ce_weight:
+            ce, ce_grad = cross_entropy_and_grad_(logits.clone(), targets, self.ce_weight * weights)
+            values["ce"] = self.ce_weight * ce
+        coef = 1 - self.ce_weight
+        temp = self.temperature
+        student = logits.div_(temp)
+        teacher = self._teacher_logits(extras[self.teacher_key], logits).div_(temp)
+        log_softmax_(student)
+        log_softmax_(teacher)
+        # Each branch leaves dD/d(z/T) in `grad` and D in `div`.
+        if self.divergence == "forward_kl":
+            teacher_p = teacher.exp()
+            div = row_dot(teacher_p, teacher) - row_dot(teacher_p, student)
+            grad = student.exp_().sub_(teacher_p)
+        elif self.divergence == "reverse_kl":
+            diff = teacher.sub_(student).neg_()  # log P - log Q
+            student_p = student.exp_()
+            div = row_dot(student_p, diff)
+            grad = diff.sub_(div[:, None]).mul_(student_p)
+        else:
+            div, grad = self._jsd_(student, teacher)
+        values[self.name] = coef * temp**2 * div
+        # d(T^2 D)/dz = T * dD/d(z/T)
+        grad.mul_((coef * temp * weights)[:, None])
+        if ce_grad is not None:
+            grad.add_(ce_grad)
+        return values, grad
+
+    def _jsd_(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        """Generalised JSD and its gradient w.r.t. the student's scaled logits, in place."""
+        beta = self.beta
+        log_m = log_p + math.log(1 - beta)
+        torch.logaddexp(log_m, log_q + math.log(beta), out=log_m)
+        probs = log_q.exp()
+        kl_q = row_dot(probs, log_q) - row_dot(probs, log_m)
+        torch.exp(log_p, out=probs)
+        kl_p = row_dot(probs, log_p) - row_dot(probs, log_m)
+        # dD/dP_v = (1 - beta) (log P_v - log M_v); through the softmax:
+        # dD/ds_v = P_v (g_v - sum_u P_u g_u).
+        g = log_p.sub_(log_m).mul_(1 - beta)
+        grad = g.sub_(row_dot(probs, g)[:, None]).mul_(probs)
+        return beta * kl_q + (1 - beta) * kl_p, grad
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, divergence={self.divergence!r}, "
+            f"temperature={self.temperature}, ce_weight={self.ce_weight}, "
+            f"teacher={type(self.teacher).__name__}"
+        )
