@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmengine.config import Config, ConfigDict
 from torch.utils.data import ConcatDataset as TorchConcatDataset
 
 from xtuner.registry import BUILDER
+
+from .utils import is_config
 
 
 class ConcatDataset(TorchConcatDataset):
@@ -22,9 +23,7 @@ class ConcatDataset(TorchConcatDataset):
     def __init__(self, datasets: Sequence) -> None:
         if not datasets:
             raise ValueError("ConcatDataset needs at least one data set")
-        built = [
-            BUILDER.build(d) if isinstance(d, (dict, Config, ConfigDict)) else d for d in datasets
-        ]
+        built = [BUILDER.build(d) if is_config(d) else d for d in datasets]
         super().__init__(built)
 
     def __repr__(self) -> str:

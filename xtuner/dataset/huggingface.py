@@ -41,7 +41,6 @@ from datasets import (
     concatenate_datasets,
     load_from_disk,
 )
-from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 from mmengine.utils.misc import get_object_from_string
 
@@ -53,6 +52,7 @@ from .utils import (
     encode_conversations,
     fill_loss_weight,
     find_json_error,
+    is_config,
     list_array,
     pack_table,
     prepare_record,
@@ -76,10 +76,6 @@ _ENCODED_FEATURES = Features(
 )
 
 
-def _is_config(obj) -> bool:
-    return isinstance(obj, (dict, Config, ConfigDict))
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -99,7 +95,7 @@ def build_origin_dataset(dataset, split: str | None = "train") -> Dataset:
     ``split=None`` concatenates every split. A local JSON file that does not parse raises a
     ``ValueError`` naming the file and line.
     """
-    if _is_config(dataset):
+    if is_config(dataset):
         cfg = dataset
         try:
             dataset = BUILDER.build(cfg)
@@ -139,7 +135,7 @@ def resolve_map_fn(dataset_map_fn):
 
 
 def _build(obj):
-    return BUILDER.build(obj) if _is_config(obj) else obj
+    return BUILDER.build(obj) if is_config(obj) else obj
 
 
 def cache_root() -> str | None:

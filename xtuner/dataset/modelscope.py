@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from mmengine.config import Config, ConfigDict
-
 from xtuner.registry import BUILDER
 
 from .huggingface import process_hf_dataset
+from .utils import is_config
 
 
 def _require_modelscope() -> None:
@@ -32,7 +31,7 @@ def process_ms_dataset(dataset, split: str | None = "train", *args, **kwargs):
     Returns:
         What ``process_hf_dataset`` returns.
     """
-    if isinstance(dataset, (dict, Config, ConfigDict)):
+    if is_config(dataset):
         _require_modelscope()
         dataset = BUILDER.build(dataset)
     if type(dataset).__module__.startswith("modelscope"):

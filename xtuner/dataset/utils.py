@@ -47,6 +47,7 @@ __all__ = [
     "list_column",
     "find_json_error",
     "get_bos_eos_token_ids",
+    "is_config",
     "json_files",
     "pack_table",
     "prepare_record",
@@ -75,6 +76,14 @@ TURN_DEFAULTS: dict[str, Any] = {
 }
 
 Problem = tuple[str, str]  # (code in DROP_REASONS, human-readable detail)
+
+
+def is_config(obj: Any) -> bool:
+    """Whether ``obj`` is a config to build (a dict, but not a built ``DatasetDict``)."""
+    from datasets import DatasetDict
+    from mmengine.config import Config, ConfigDict
+
+    return isinstance(obj, (dict, Config, ConfigDict)) and not isinstance(obj, DatasetDict)
 
 
 def _turn_ok(turn: Any) -> bool:
