@@ -77,7 +77,8 @@ class KDLoss(TokenLoss):
             raise ValueError(f"KDLoss: ce_weight must be in [0, 1], got {ce_weight}")
         if isinstance(teacher, (dict, ConfigDict)):
             teacher = BUILDER.build(teacher)
-        if not isinstance(teacher, nn.Module) or teacher.get_output_embeddings() is None:
+        head = getattr(teacher, "get_output_embeddings", lambda: None)()
+        if not isinstance(teacher, nn.Module) or head is None:
             raise TypeError(
                 "KDLoss: teacher must be a causal LM module with an output head "
                 f"(get_output_embeddings()), or its config dict; got {type(teacher).__name__}"
