@@ -27,7 +27,7 @@ def _corpus(paths: list[str]) -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(save_dir: str, vocab_size: int = 512, corpus: list[str] | None = None):
+def build_tiny_tokenizer(save_dir: str, vocab_size: int = 1024, corpus: list[str] | None = None):
     """Trains a byte-level BPE tokenizer and saves it as an HF tokenizer.
 
     Args:
@@ -42,11 +42,12 @@ def build_tiny_tokenizer(save_dir: str, vocab_size: int = 512, corpus: list[str]
     from transformers import PreTrainedTokenizerFast
 
     texts = corpus if corpus is not None else _corpus([DEMO_DATA])
-    # A few characters beyond the data, so template text (Chinese system prompts) encodes.
-    texts = texts + [
-        "你好，世界。请回答问题。",
-        "System: User: Assistant: ### Human: ### Response:",
-    ]
+    # The system prompts and template markers too, so a prompt costs a few tokens rather than
+    # one per character (the demo's samples would otherwise be mostly system prompt).
+    from xtuner.utils import SYSTEM_TEMPLATE
+
+    texts = texts + list(SYSTEM_TEMPLATE.values()) * 50
+    texts = texts + ["<|im_start|>system\n<|im_start|>user\n<|im_start|>assistant\n"] * 50
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -113,3 +114,32 @@ def prepare_demo(root: str, force: bool = False, **model_overrides) -> dict[str,
         tokenizer.save_pretrained(model_dir)
         build_tiny_llama(model_dir, len(tokenizer), **model_overrides)
     return {"tokenizer": tok_dir, "model": model_dir, "data": DEMO_DATA}
+
+
+def demo_dir(**model_overrides) -> str:
+    """Where the demo assets for these model settings live (``$XTUNER_DEMO_DIR``)."""
+    root = os.environ.get("XTUNER_DEMO_DIR") or osp.join(
+        osp.expanduser("~"), ".cache", "xtuner", "demo"
+    )
+    tag = "_".join(f"{k}{v}" for k, v in sorted(model_overrides.items())) or "default"
+    return osp.join(root, tag)
+
+
+def demo_llm(**model_overrides):
+    """The demo's tiny Llama, built offline on first use; for ``llm=dict(type=demo_llm)``.
+
+    Configs are parsed lazily by mmengine (nothing imported runs while the file is read), so
+    the bundled demo config names this function instead of computing a path.
+    """
+    from transformers import AutoModelForCausalLM
+
+    paths = prepare_demo(demo_dir(**model_overrides), **model_overrides)
+    return AutoModelForCausalLM.from_pretrained(paths["model"])
+
+
+def demo_tokenizer(**model_overrides):
+    """The demo's tokenizer (built with the model); for ``tokenizer=dict(type=demo_tokenizer)``."""
+    from transformers import AutoTokenizer
+
+    paths = prepare_demo(demo_dir(**model_overrides), **model_overrides)
+    return AutoTokenizer.from_pretrained(paths["tokenizer"])

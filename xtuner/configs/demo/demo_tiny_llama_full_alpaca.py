@@ -1,8 +1,6 @@
 # The bundled demo, written the way XTuner 0.x configs are: full fine-tuning of a tiny
 # Llama-style model (built offline on first use) on the bundled instruction data, on a CPU.
 # `make demo` runs it; so does `xtuner train demo_tiny_llama_full_alpaca`.
-import os
-
 from datasets import load_dataset
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import (
@@ -14,12 +12,11 @@ from mmengine.hooks import (
 )
 from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from torch.optim import AdamW
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
-from xtuner.demo import prepare_demo
+from xtuner.demo import DEMO_DATA, demo_llm, demo_tokenizer
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, HFCheckpointHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
@@ -28,13 +25,11 @@ from xtuner.utils import PROMPT_TEMPLATE
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
-# The tiny model and tokenizer are written here once (about 10 s).
-demo_root = os.environ.get("XTUNER_DEMO_DIR", os.path.expanduser("~/.cache/xtuner/demo"))
-demo = prepare_demo(
-    demo_root, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4
-)
-pretrained_model_name_or_path = demo["model"]
-data_path = demo["data"]
+# Model: a tiny Llama-style model and BPE tokenizer, built offline on first use (~10 s) under
+# $XTUNER_DEMO_DIR (default ~/.cache/xtuner/demo). With a real model you would write
+# llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=...).
+demo_model = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+data_path = DEMO_DATA
 prompt_template = PROMPT_TEMPLATE.qwen_chat
 max_length = 256
 pack_to_max_length = True
@@ -60,21 +55,12 @@ evaluation_inputs = ["Reverse the word.\nplanet", "Add the two numbers.\n12 + 30
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-tokenizer = dict(
-    type=AutoTokenizer.from_pretrained,
-    pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
-    padding_side="right",
-)
+tokenizer = dict(type=demo_tokenizer, **demo_model)
 
 model = dict(
     type=SupervisedFinetune,
     use_activation_checkpointing=False,
-    llm=dict(
-        type=AutoModelForCausalLM.from_pretrained,
-        pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
-    ),
+    llm=dict(type=demo_llm, **demo_model),
     # The pluggable loss: any registered name, class or dotted path (docs/en/custom_loss.md).
     loss=dict(type="CrossEntropyLoss"),
 )
