@@ -23,6 +23,11 @@ MODES = {
         "report every problem of a config's data in one pass",
     ),
     "list-dataset-format": ("xtuner.tools.list_dataset_format", "list the data map functions"),
+    "check-loss": (
+        "xtuner.tools.check_loss",
+        "check a config's loss (gradients, comparison with cross-entropy, A/B run)",
+    ),
+    "plot-log": ("xtuner.tools.plot_log", "draw logged scalars of runs into a PNG"),
     "version": (None, "print the version"),
     "help": (None, "show this help"),
 }
