@@ -289,3 +289,129 @@ def test_xtuner_format_saves_parts(tiny_llama_path, clip_path, tmp_path):
     )
     with pytest.raises(ValueError, match="save_format='official'"):
         model.to_hf(None, str(out_dir), save_format="official")
+
+
+def test_evaluate_chat_hook_generates_from_the_image(
+    tiny_llama_path, clip_path, demo_assets, tmp_path
+):
+    from transformers import CLIPImageProcessor
+
+    from xtuner.demo.llava import draw_shape
+    from xtuner.engine.hooks import EvaluateChatHook
+
+    model = build(tiny_llama_path, clip_path)
+    model.train()
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    processor = CLIPImageProcessor.from_pretrained(clip_path)
+    draw_shape("green", "circle", (32, 32)).save(tmp_path / "green.png")
+    hook = EvaluateChatHook(
+        tokenizer,
+        ["What is it?"],
+        evaluation_images=str(tmp_path / "green.png"),
+        image_processor=processor,
+        max_new_tokens=1,
+    )
+    answer = hook.generate(model)[0]
+
+    ids = [
+        *tokenizer.encode(""),
+        IMAGE_TOKEN_INDEX,
+        *tokenizer.encode("\nWhat is it?", add_special_tokens=False),
+    ]
+    pixel_values = processor.preprocess(
+        draw_shape("green", "circle", (32, 32)), return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        logits = model(
+            {"input_ids": torch.tensor([ids]), "pixel_values": pixel_values}, mode="predict"
+        )
+    assert answer == tokenizer.decode([int(logits[0]["logits"][-1].argmax())])
+    assert model.llm.training  # generation left the training mode as it was
+
+    missing = EvaluateChatHook(
+        tokenizer,
+        ["What is it?"],
+        evaluation_images=str(tmp_path / "nope.png"),
+        image_processor=processor,
+        max_new_tokens=1,
+    )
+    assert len(missing.generate(model)) == 1  # warned, asked without the image
+
+
+def _run_xtuner(*args, cwd, env):
+    import os
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    cmd = [sys.executable, "-m", "xtuner.entry_point", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
+
+
+def _losses(work_dir) -> list[float]:
+    import glob
+    import json
+
+    (scalars,) = glob.glob(f"{work_dir}/2*/vis_data/scalars.json")
+    with open(scalars, encoding="utf-8") as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_demo_configs_train_pretrain_then_finetune(tmp_path):
+    """The bundled upstream-style configs, run as a user would, from one directory."""
+    env = {"XTUNER_DEMO_DIR": str(tmp_path / "demo")}
+    pretrain = "llava_tiny_llama_tiny_clip_e10_cpu_pretrain"
+    finetune = "llava_tiny_llama_tiny_clip_lora_e10_cpu_finetune"
+    out = _run_xtuner("train", pretrain, "--seed", "0", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stage1 = torch.load(tmp_path / f"work_dirs/{pretrain}/iter_30.pth", weights_only=False)
+    assert set(stage1["state_dict"]) == {
+        f"projector.model.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")
+    }
+    losses = _losses(tmp_path / f"work_dirs/{pretrain}")
+    assert losses[-1] < losses[0]
+    assert "[chat before training]" in out.stdout
+
+    out = _run_xtuner("train", finetune, "--seed", "0", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"loaded 4 weights from ./work_dirs/{pretrain}/iter_30.pth" in out.stdout
+    stage2 = torch.load(tmp_path / f"work_dirs/{finetune}/iter_40.pth", weights_only=False)
+    keys = set(stage2["state_dict"])
+    assert {k for k in keys if not k.startswith("projector.")} and all(
+        k.startswith("projector.") or "lora_" in k for k in keys
+    )
+    losses = _losses(tmp_path / f"work_dirs/{finetune}")
+    assert losses[-1] < 0.95 * losses[0]
+
+
+@pytest.mark.multiproc
+def test_sequence_parallel_2_equals_1(tmp_path):
+    """Loss and every gradient (LLM, projector, vision encoder) with sp=2 equal sp=1."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llava_sp_worker.py")
+    out = tmp_path / "results.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), worker, str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = torch.load(out, weights_only=False)
+    assert set(results) == {"ce", "focal_sample"}
+    for name, r in results.items():
+        torch.testing.assert_close(r["sp_loss"], r["ref_loss"], rtol=1e-5, atol=1e-6, msg=name)
+        assert r["sp_grads"].keys() == r["ref_grads"].keys()
+        assert any(k.startswith("visual_encoder.") for k in r["ref_grads"])
+        for key, ref in r["ref_grads"].items():
+            # (1e-7 floor: some gradients are zero in exact arithmetic, e.g. attention key biases)
+            atol = max(1e-5 * float(ref.abs().max()), 1e-7)
+            torch.testing.assert_close(
+                r["sp_grads"][key], ref, rtol=1e-4, atol=atol, msg=f"{name} {key}"
+            )

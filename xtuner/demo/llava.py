@@ -3,7 +3,11 @@ processor, synthetic images drawn with PIL and LLaVA-format data files.
 
 Nothing is downloaded: the vision model is built from a config with random weights and saved
 with ``save_pretrained``; the images are coloured shapes whose captions name the colour and
-the shape, so the demo has something learnable.
+the shape, so the demo has something learnable. The demo data (images and JSONL files) is
+bundled under ``xtuner/demo/data/llava`` (written by :func:`write_llava_data`); the bundled
+configs name it through the constants below, and the models through :func:`demo_clip`,
+:func:`demo_image_processor` (and :func:`xtuner.demo.demo_llm`), because mmengine parses
+configs lazily: nothing imported can run while a config file is read.
 """
 
 from __future__ import annotations
@@ -12,7 +16,13 @@ import json
 import os
 import os.path as osp
 
-from . import prepare_demo
+from . import DEMO_DIR, demo_dir
+
+LLAVA_DEMO_DATA = osp.join(DEMO_DIR, "data", "llava")
+LLAVA_DEMO_IMAGES = osp.join(LLAVA_DEMO_DATA, "images")
+LLAVA_DEMO_PRETRAIN = osp.join(LLAVA_DEMO_DATA, "pretrain.jsonl")
+LLAVA_DEMO_FINETUNE = osp.join(LLAVA_DEMO_DATA, "finetune.jsonl")
+LLAVA_DEMO_EVAL_IMAGE = osp.join(LLAVA_DEMO_IMAGES, "red_circle.png")
 
 COLORS = {
     "red": (220, 40, 40),
@@ -87,7 +97,7 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 def write_llava_data(root: str) -> dict[str, str]:
     """Draws the images and writes the pretrain (captions) and finetune (instructions) data.
 
-    The finetune data mixes single-image, two-image and text-only samples.
+    The finetune data mixes image conversations (two turns) and text-only samples.
 
     Returns:
         Paths: ``image_folder``, ``pretrain_data``, ``finetune_data``.
@@ -122,18 +132,6 @@ def write_llava_data(root: str) -> dict[str, str]:
                 ],
             }
         )
-    for i in range(0, len(items) - 1, 3):
-        (c1, s1), (c2, s2) = items[i], items[i + 1]
-        finetune.append(
-            {
-                "id": f"pair{i}",
-                "image": [f"{c1}_{s1}.png", f"{c2}_{s2}.png"],
-                "conversations": [
-                    {"from": "human", "value": "First: <image> Second: <image> Name both."},
-                    {"from": "gpt", "value": f"A {c1} {s1} and a {c2} {s2}."},
-                ],
-            }
-        )
     for color in COLORS:
         finetune.append(
             {
@@ -154,26 +152,23 @@ def write_llava_data(root: str) -> dict[str, str]:
     return paths
 
 
-def prepare_llava_demo(root: str, force: bool = False, **model_overrides) -> dict[str, str]:
-    """Writes the tiny LLaVA demo under ``root`` (once) and returns its paths.
+def _clip_dir() -> str:
+    path = osp.join(demo_dir(), "clip")
+    if not osp.exists(osp.join(path, "config.json")):
+        build_tiny_clip(path)
+    return path
 
-    Returns:
-        ``tokenizer``, ``model`` (the tiny Llama, see :func:`xtuner.demo.prepare_demo`),
-        ``visual_encoder`` (tiny CLIP vision model and image processor), ``image_folder``,
-        ``pretrain_data`` and ``finetune_data``.
-    """
-    paths = prepare_demo(root, force=force, **model_overrides)
-    clip_dir = osp.join(root, "clip")
-    if force or not osp.exists(osp.join(clip_dir, "config.json")):
-        build_tiny_clip(clip_dir)
-    data = osp.join(root, "llava_data")
-    if force or not osp.exists(osp.join(data, "finetune.jsonl")):
-        write_llava_data(data)
-    return {
-        "tokenizer": paths["tokenizer"],
-        "model": paths["model"],
-        "visual_encoder": clip_dir,
-        "image_folder": osp.join(data, "images"),
-        "pretrain_data": osp.join(data, "pretrain.jsonl"),
-        "finetune_data": osp.join(data, "finetune.jsonl"),
-    }
+
+def demo_clip():
+    """The demo's tiny CLIP vision model, built offline on first use under
+    ``$XTUNER_DEMO_DIR``; for ``visual_encoder=dict(type=demo_clip)``."""
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel.from_pretrained(_clip_dir())
+
+
+def demo_image_processor():
+    """The image processor saved with :func:`demo_clip` (32x32 crops)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor.from_pretrained(_clip_dir())

@@ -12,6 +12,7 @@ from mmengine.registry import HOOKS
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from xtuner.registry import BUILDER
+from xtuner.utils.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 
 class StopWordStoppingCriteria(StoppingCriteria):
@@ -58,7 +59,14 @@ def keep_4bit_weights_trainable(model: torch.nn.Module):
 
 @HOOKS.register_module()
 class EvaluateChatHook(Hook):
-    """Logs the model's answers to ``evaluation_inputs`` (same arguments as XTuner 0.x)."""
+    """Logs the model's answers to ``evaluation_inputs`` (same arguments as XTuner 0.x).
+
+    With ``evaluation_images`` (one local image file for every input, or one per input) and a
+    multimodal model (``LLaVAModel``), each prompt gets ``<image>`` in front (unless it has
+    one) and the image is processed with ``image_processor`` (padded to a square with its
+    mean colour, as XTuner 0.x does). An image that cannot be read (e.g. a URL on an offline
+    machine) is reported once and the inputs are asked without it.
+    """
 
     priority = "LOW"
 
@@ -79,8 +87,18 @@ class EvaluateChatHook(Hook):
         if isinstance(evaluation_inputs, str):
             evaluation_inputs = [evaluation_inputs]
         self.evaluation_inputs = list(evaluation_inputs)
-        self.evaluation_images = evaluation_images
+        if isinstance(evaluation_images, str):
+            evaluation_images = [evaluation_images]
+        self.evaluation_images = list(evaluation_images or [])
+        if len(self.evaluation_images) not in (0, 1, len(self.evaluation_inputs)):
+            raise ValueError(
+                f"EvaluateChatHook: {len(self.evaluation_images)} evaluation_images for "
+                f"{len(self.evaluation_inputs)} evaluation_inputs; give one, or one per input"
+            )
+        if isinstance(image_processor, dict):
+            image_processor = BUILDER.build(image_processor)
         self.image_processor = image_processor
+        self._pixel_values: list[torch.Tensor] | None = None
         self.tokenizer = BUILDER.build(tokenizer) if isinstance(tokenizer, dict) else tokenizer
         self.every_n_iters = every_n_iters
         self.max_new_tokens = max_new_tokens
@@ -103,6 +121,50 @@ class EvaluateChatHook(Hook):
             prompt = self.template["SYSTEM"].format(system=self.system) + prompt
         return prompt
 
+    def _load_images(self) -> list[torch.Tensor]:
+        """The processed evaluation images, one per input (empty when unusable)."""
+        if self._pixel_values is not None:
+            return self._pixel_values
+        self._pixel_values = []
+        if not self.evaluation_images or self.image_processor is None:
+            return self._pixel_values
+        from PIL import Image
+
+        from xtuner.dataset.llava import expand2square
+
+        mean = tuple(int(x * 255) for x in self.image_processor.image_mean)
+        loaded = []
+        for path in self.evaluation_images:
+            try:
+                with Image.open(path) as image:
+                    image = expand2square(image.convert("RGB"), mean)
+            except (OSError, ValueError) as e:
+                print_log(
+                    f"EvaluateChatHook: cannot read evaluation image {path!r} ({e}); the "
+                    "inputs are asked without images",
+                    "current",
+                    level=30,
+                )
+                return self._pixel_values
+            processed = self.image_processor.preprocess(image, return_tensors="pt")
+            loaded.append(processed["pixel_values"][0])
+        self._pixel_values = loaded * (len(self.evaluation_inputs) if len(loaded) == 1 else 1)
+        return self._pixel_values
+
+    def _image_inputs(self, model, prompt: str, pixel_values: torch.Tensor, device) -> dict:
+        """``inputs_embeds`` and ``attention_mask`` of a prompt with its image merged in."""
+        ids: list[int] = []
+        for i, chunk in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            ids += self.tokenizer.encode(chunk, add_special_tokens=i == 0)
+        data = {"input_ids": torch.tensor([ids], device=device), "pixel_values": pixel_values}
+        inputs, _ = model.prepare_inputs(data)
+        return {
+            "inputs_embeds": inputs["inputs_embeds"],
+            "attention_mask": inputs["attention_mask"],
+        }
+
     @torch.no_grad()
     def generate(self, model) -> list[str]:
         llm = model.llm
@@ -121,24 +183,33 @@ class EvaluateChatHook(Hook):
             pad_token_id=pad_id,
             **self.generation_kwargs,
         )
+        images = self._load_images() if hasattr(model, "prepare_inputs") else []
         outputs = []
         try:
             with keep_4bit_weights_trainable(llm):
-                for text in self.evaluation_inputs:
-                    prompt = self.build_prompt(text)
-                    ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+                for i, text in enumerate(self.evaluation_inputs):
+                    if images:
+                        if DEFAULT_IMAGE_TOKEN not in text:
+                            text = f"{DEFAULT_IMAGE_TOKEN}\n{text}"
+                        pixel_values = images[i][None].to(device)
+                        inputs = self._image_inputs(
+                            model, self.build_prompt(text), pixel_values, device
+                        )
+                        prompt_len = 0  # generation from embeddings returns the new tokens only
+                    else:
+                        ids = self.tokenizer(self.build_prompt(text), return_tensors="pt").input_ids
+                        ids = ids.to(device)
+                        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                        prompt_len = ids.shape[1]
                     criteria = StoppingCriteriaList(
-                        StopWordStoppingCriteria(self.tokenizer, w, ids.shape[1])
+                        StopWordStoppingCriteria(self.tokenizer, w, prompt_len)
                         for w in self.stop_words
                     )
                     out = llm.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        generation_config=config,
-                        stopping_criteria=criteria,
+                        **inputs, generation_config=config, stopping_criteria=criteria
                     )
                     outputs.append(
-                        self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+                        self.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=False)
                     )
         finally:
             llm.config.use_cache = use_cache

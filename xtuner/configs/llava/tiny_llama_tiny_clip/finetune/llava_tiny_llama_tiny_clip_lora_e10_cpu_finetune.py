@@ -1,0 +1,222 @@
+# LLaVA stage 2 (instruction fine-tuning) of the tiny CPU demo, written the way XTuner 0.x
+# LLaVA configs are: LoRA on the LLM and on the vision encoder, the projector trained in full
+# starting from the pretrain stage's checkpoint (`pretrained_pth`). Run the pretrain config
+# first, from the same directory:
+#   xtuner train llava_tiny_llama_tiny_clip_e10_cpu_pretrain
+#   xtuner train llava_tiny_llama_tiny_clip_lora_e10_cpu_finetune
+from mmengine.hooks import (
+    CheckpointHook,
+    DistSamplerSeedHook,
+    IterTimerHook,
+    LoggerHook,
+    ParamSchedulerHook,
+)
+from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from peft import LoraConfig
+from torch.optim import AdamW
+
+from xtuner.dataset import LLaVADataset
+from xtuner.dataset.collate_fns import default_collate_fn
+from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
+from xtuner.dataset.samplers import LengthGroupedSampler
+from xtuner.demo import demo_llm, demo_tokenizer
+from xtuner.demo.llava import (
+    LLAVA_DEMO_EVAL_IMAGE,
+    LLAVA_DEMO_FINETUNE,
+    LLAVA_DEMO_IMAGES,
+    demo_clip,
+    demo_image_processor,
+)
+from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
+from xtuner.engine.runner import TrainLoop
+from xtuner.model import LLaVAModel
+from xtuner.utils import PROMPT_TEMPLATE
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Model: a tiny Llama, its BPE tokenizer and a tiny CLIP vision encoder (32x32 images, 16
+# patches), built offline on first use under $XTUNER_DEMO_DIR (default ~/.cache/xtuner/demo).
+# With real models you would write, as upstream does,
+#   llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=...)
+#   visual_encoder=dict(type=CLIPVisionModel.from_pretrained, pretrained_model_name_or_path=...)
+
+# Specify the pretrained pth (the last checkpoint of the pretrain demo: 10 epochs x 3 iterations)
+pretrained_pth = "./work_dirs/llava_tiny_llama_tiny_clip_e10_cpu_pretrain/iter_30.pth"
+
+# Data
+data_path = LLAVA_DEMO_FINETUNE
+image_folder = LLAVA_DEMO_IMAGES
+prompt_template = PROMPT_TEMPLATE.vicuna
+max_length = int(256 - (32 / 8) ** 2)
+
+# Scheduler & Optimizer
+batch_size = 4  # per_device
+accumulative_counts = 1
+dataloader_num_workers = 0
+max_epochs = 10
+optim_type = AdamW
+lr = 2e-3
+betas = (0.9, 0.999)
+weight_decay = 0
+max_norm = 1  # grad clip
+warmup_ratio = 0.1
+
+# Save
+save_steps = 500
+save_total_limit = 2  # Maximum checkpoints to keep (-1 means unlimited)
+
+# Evaluate the generation performance during the training
+evaluation_freq = 500
+SYSTEM = ""
+evaluation_images = LLAVA_DEMO_EVAL_IMAGE
+evaluation_inputs = ["What colour is the shape?"]
+
+#######################################################################
+#            PART 2  Model & Tokenizer & Image Processor              #
+#######################################################################
+tokenizer = dict(type=demo_tokenizer)
+
+image_processor = dict(type=demo_image_processor)
+
+model = dict(
+    type=LLaVAModel,
+    freeze_llm=True,
+    freeze_visual_encoder=True,
+    pretrained_pth=pretrained_pth,
+    llm=dict(type=demo_llm),
+    visual_encoder=dict(type=demo_clip),
+    llm_lora=dict(type=LoraConfig, r=16, lora_alpha=32, lora_dropout=0.05, bias="none"),
+    visual_encoder_lora=dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.05, bias="none"),
+    # The pluggable loss (docs/en/llava.md): any registered name, class or dotted path.
+    loss=dict(type="CrossEntropyLoss"),
+)
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+llava_dataset = dict(
+    type=LLaVADataset,
+    data_path=data_path,
+    image_folder=image_folder,
+    tokenizer=tokenizer,
+    image_processor=image_processor,
+    dataset_map_fn=llava_map_fn,
+    template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),
+    max_length=max_length,
+    pad_image_to_square=True,
+)
+
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=dataloader_num_workers,
+    dataset=llava_dataset,
+    sampler=dict(
+        type=LengthGroupedSampler,
+        length_property="modality_length",
+        per_device_batch_size=batch_size * accumulative_counts,
+    ),
+    collate_fn=dict(type=default_collate_fn),
+)
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+# optimizer (on a CPU, `xtuner train` swaps AmpOptimWrapper for a plain fp32 OptimWrapper)
+optim_wrapper = dict(
+    type=AmpOptimWrapper,
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,
+    loss_scale="dynamic",
+    dtype="float16",
+)
+
+# learning policy
+param_scheduler = [
+    dict(
+        type=LinearLR,
+        start_factor=1e-5,
+        by_epoch=True,
+        begin=0,
+        end=warmup_ratio * max_epochs,
+        convert_to_iter_based=True,
+    ),
+    dict(
+        type=CosineAnnealingLR,
+        eta_min=0.0,
+        by_epoch=True,
+        begin=warmup_ratio * max_epochs,
+        end=max_epochs,
+        convert_to_iter_based=True,
+    ),
+]
+
+# train, val, test setting
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+# Log the dialogue periodically during the training process, optional
+custom_hooks = [
+    dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    dict(
+        type=EvaluateChatHook,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        every_n_iters=evaluation_freq,
+        evaluation_inputs=evaluation_inputs,
+        evaluation_images=evaluation_images,
+        system=SYSTEM,
+        prompt_template=prompt_template,
+        max_new_tokens=8,
+    ),
+]
+
+# configure default hooks
+default_hooks = dict(
+    # record the time of every iteration.
+    timer=dict(type=IterTimerHook),
+    # print log every 10 iterations.
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=10),
+    # enable the parameter scheduler.
+    param_scheduler=dict(type=ParamSchedulerHook),
+    # save checkpoint per `save_steps` (and at the end).
+    checkpoint=dict(
+        type=CheckpointHook,
+        by_epoch=False,
+        interval=save_steps,
+        max_keep_ckpts=save_total_limit,
+    ),
+    # set sampler seed in distributed evrionment.
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+# configure environment
+env_cfg = dict(
+    # whether to enable cudnn benchmark
+    cudnn_benchmark=False,
+    # set multi process parameters
+    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+    # set distributed parameters
+    dist_cfg=dict(backend="nccl"),
+)
+
+# set visualizer
+visualizer = None
+
+# set log level
+log_level = "INFO"
+
+# load from which checkpoint
+load_from = None
+
+# whether to resume training from the loaded checkpoint
+resume = False
+
+# Defaults to use random seed and disable `deterministic`
+randomness = dict(seed=None, deterministic=False)
+
+# set log processor
+log_processor = dict(by_epoch=False)
