@@ -101,7 +101,7 @@ def add_cfg_options(parser) -> None:
     )
 
 
-_UNEXPECTED = re.compile(r"(?:class `(\w+)`.*?)?got an unexpected keyword argument '(\w+)'")
+_UNEXPECTED = re.compile(r"got an unexpected keyword argument '(\w+)'")
 
 
 def explain(exc: BaseException) -> str:
@@ -109,8 +109,7 @@ def explain(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     match = _UNEXPECTED.search(text)
     if match:
-        cls_name, arg = match.groups()
-        hint = _suggest_argument(cls_name, arg)
+        hint = _suggest_argument(_called_class(exc), match.group(1))
         return f"{text}.{hint} Check that key in the config."
     if isinstance(exc, FileNotFoundError):
         return f"{text}. Check the path in the config or on the command line."
@@ -119,29 +118,33 @@ def explain(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _suggest_argument(cls_name: str | None, arg: str) -> str:
-    if not cls_name:
+def _called_class(exc: BaseException):
+    """The class mmengine was building when ``exc`` was raised (from the traceback)."""
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("obj_cls")
+        if isinstance(candidate, type) or callable(candidate):
+            found = candidate
+        tb = tb.tb_next
+    return found
+
+
+def _suggest_argument(cls, arg: str) -> str:
+    if cls is None:
         return ""
-    from xtuner.registry import BUILDER
-
-    for registry in _registries(BUILDER):
-        cls = registry.get(cls_name)
-        if cls is None:
-            continue
+    try:
         params = [
-            p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")
+            name
+            for name, p in inspect.signature(cls).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         ]
-        close = difflib.get_close_matches(arg, params, n=1)
-        if close:
-            return f" Did you mean {close[0]!r}?"
-        return f" {cls_name} accepts: {', '.join(params)}."
-    return ""
-
-
-def _registries(builder):
-    from mmengine.registry import HOOKS, LOOPS, MODELS
-
-    return [builder, MODELS, HOOKS, LOOPS]
+    except (TypeError, ValueError):
+        return ""
+    close = difflib.get_close_matches(arg, params, n=1)
+    if close:
+        return f" Did you mean {close[0]!r}?"
+    return f" {getattr(cls, '__name__', cls)} accepts: {', '.join(params)}."
 
 
 def run_tool(main: Callable[[], int], prog: str) -> int:
