@@ -174,6 +174,42 @@ def test_lora_both_sides_with_checkpointing(tiny_llama_path, clip_path):
     assert all("lora_" in k or k.startswith("projector.") for k in keys)
 
 
+def test_qlora_llm(tiny_llama_path, clip_path):
+    from transformers import BitsAndBytesConfig
+
+    quant = dict(
+        type=BitsAndBytesConfig,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    torch.manual_seed(0)
+    model = LLaVAModel(
+        llm=dict(
+            type=AutoModelForCausalLM.from_pretrained,
+            pretrained_model_name_or_path=tiny_llama_path,
+            dtype=torch.float32,
+            quantization_config=quant,
+        ),
+        visual_encoder=dict(
+            type=CLIPVisionModel.from_pretrained, pretrained_model_name_or_path=clip_path
+        ),
+        freeze_llm=True,
+        freeze_visual_encoder=True,
+        llm_lora=LORA,
+    )
+    assert model.base_llm.is_loaded_in_4bit
+    model.train()
+    out = model(batch(), mode="loss")
+    out["loss"].backward()
+    trained = set(grads(model))
+    assert any("lora_" in n for n in trained) and "projector.model.0.weight" in trained
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="quantized LLM"):
+        model.build_hf_llava(AutoTokenizer.from_pretrained(tiny_llama_path))
+
+
 def test_text_only_batch_still_reaches_the_projector(tiny_llama_path, clip_path):
     model = build(tiny_llama_path, clip_path, freeze_llm=True, freeze_visual_encoder=True)
     data = batch()
