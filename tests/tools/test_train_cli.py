@@ -133,8 +133,8 @@ def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path, demo_assets, ca
         assets["model"] = str(tmp_path / "no_such_model")
     cfg = write_config(tmp_path, assets, max_iters=2)
     if case == "typo_key":
-        text = open(cfg, encoding="utf-8").read().replace("    llm=dict(", "    llmm=dict(", 1)
-        open(cfg, "w", encoding="utf-8").write(text)
+        path = tmp_path / "cfg.py"
+        path.write_text(path.read_text().replace("    llm=dict(", "    llmm=dict(", 1))
     if case == "missing_config":
         cfg = str(tmp_path / "nope.py")
     out = run_xtuner("train", cfg, "--work-dir", str(tmp_path / "w"), env={"HF_HUB_OFFLINE": "1"})
