@@ -1,0 +1,85 @@
+"""TrainLoop's global loss normalisation: the gradient of each optimizer step equals the
+gradient of the token mean over the whole global batch, as one process would compute it.
+
+The ``multiproc`` tests run the real mmengine Runner + TrainLoop + DDP on 2 CPU processes
+(``tests/parallel/sp_worker.py``, one launch shared with the sequence-parallel tests): SGD
+with lr 0, so every step's gradient is taken at the same parameters, captured right before
+``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os.path as osp
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from xtuner.engine.runner import TrainLoop
+
+WORKER = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "parallel", "sp_worker.py")
+_spec = importlib.util.spec_from_file_location("sp_worker", WORKER)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+
+def assert_grads_equal(ref: dict, got: dict, rtol: float = 1e-5) -> None:
+    assert ref.keys() == got.keys()
+    for name in ref:
+        scale = float(ref[name].abs().max())
+        torch.testing.assert_close(
+            got[name], ref[name], rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _loop_with_wrapper(iteration: int, **counts) -> TrainLoop:
+    loop = TrainLoop.__new__(TrainLoop)
+    loop._iter = iteration
+    loop._runner = SimpleNamespace(optim_wrapper=SimpleNamespace(**counts))
+    return loop
+
+
+def test_accumulation_divisor_follows_the_optim_wrapper():
+    # 10 iterations, accumulation 4: windows of 4, 4, then a short window of 2 divided by 2.
+    counts = dict(_accumulative_counts=4, _max_counts=10, _remainder_counts=2)
+    assert _loop_with_wrapper(0, _inner_count=0, **counts)._accumulation() == (4, 4)
+    assert _loop_with_wrapper(4, _inner_count=4, **counts)._accumulation() == (4, 4)
+    assert _loop_with_wrapper(8, _inner_count=8, **counts)._accumulation() == (4, 2)
+    even = dict(_accumulative_counts=4, _max_counts=8, _remainder_counts=0)
+    assert _loop_with_wrapper(4, _inner_count=4, **even)._accumulation() == (4, 4)
+    assert _loop_with_wrapper(0, _accumulative_counts=1)._accumulation() == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def accumulation_results(tmp_path_factory):
+    return worker.session_results(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.mark.multiproc
+def test_two_ranks_times_accumulation_equal_one_process(accumulation_results):
+    """dp=2 x accumulation 2, micro-batches with 20, 1, 3 and 22 targets; then a short last
+    window (1 micro-batch per rank, divided by 1 by the optim wrapper)."""
+    steps = accumulation_results["dp2_global"]
+    reference = accumulation_results["dp2_reference"]
+    assert len(steps) == 2
+    for got, ref in zip(steps, reference):
+        assert_grads_equal(ref, got)
+
+
+@pytest.mark.multiproc
+def test_micro_batch_normalisation_is_upstreams_unequal_weighting(accumulation_results):
+    """``loss_normalization='micro_batch'`` (upstream's per-micro-batch mean) gives other
+    gradients on the same data: the comparison above is able to fail."""
+    steps = accumulation_results["dp2_micro_batch"]
+    for got, ref in zip(steps, accumulation_results["dp2_reference"]):
+        with pytest.raises(AssertionError):
+            assert_grads_equal(ref, got, rtol=1e-3)
+
+
+@pytest.mark.multiproc
+def test_sequence_parallel_times_accumulation_equal_one_process(accumulation_results):
+    """sp=2 x dp=1 x accumulation 2 with SequenceParallelSampler."""
+    steps = accumulation_results["sp2_global"]
+    assert len(steps) == 1
+    assert_grads_equal(accumulation_results["sp2_reference"][0], steps[0])
