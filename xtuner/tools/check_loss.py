@@ -385,7 +385,7 @@ def gradcheck_loss(loss: nn.Module, vocab: int, real_batch: dict, seed: int) -> 
             problems.append(f"NaN/Inf gradient w.r.t. the {label}")
         elif grad is None or not bool(grad.any()):
             slope = _directional_derivative(fn, hidden, head, label == "output head", gen)
-            moves = abs(slope) > 1e-7 * (1 + abs(float(value)))
+            moves = abs(slope) > 1e-7 * (1 + abs(float(value.detach())))
             (detached if moves else constant).append(label)
     if detached:
         problems.append(
