@@ -315,6 +315,15 @@ def test_llava_moves_image_token_to_start():
     )
 
 
+def test_llava_keeps_several_image_tokens_in_place():
+    text = "Compare <image> with <image>."
+    rec = {
+        "image": ["a.png", "b.png"],
+        "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "Same."}],
+    }
+    assert llava_map_fn(rec) == conv({"system": "", "input": text, "output": "Same."})
+
+
 def test_llava_text_only_sample():
     rec = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}
     assert llava_map_fn(rec) == conv({"system": "", "input": "Hi", "output": "Hey"})

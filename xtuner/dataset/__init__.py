@@ -2,7 +2,8 @@
 
 from .concat_dataset import ConcatDataset
 from .huggingface import process_hf_dataset
+from .llava import LLaVADataset
 from .modelscope import process_ms_dataset
 from .utils import encode_fn
 
-__all__ = ["process_hf_dataset", "process_ms_dataset", "ConcatDataset", "encode_fn"]
+__all__ = ["LLaVADataset", "process_hf_dataset", "process_ms_dataset", "ConcatDataset", "encode_fn"]

@@ -7,7 +7,7 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 from xtuner.registry import BUILDER
-from xtuner.utils.constants import IMAGE_TOKEN_INDEX
+from xtuner.utils.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 
 @HOOKS.register_module()
@@ -22,9 +22,19 @@ class DatasetInfoHook(Hook):
         if dataset is None or len(dataset) == 0:
             return
         print_log(f"Num {split} samples {len(dataset)}", "current")
-        sample = dataset[0]
-        ids = [i for i in sample.get("input_ids", []) if i != IMAGE_TOKEN_INDEX]
-        print_log(f"{split} example:\n{self.tokenizer.decode(ids)}", "current")
+        print_log(f"{split} example:\n{self.decode(dataset[0].get('input_ids', []))}", "current")
+
+    def decode(self, ids: list[int]) -> str:
+        """Decodes ids, showing each image placeholder (-200) as ``<image>``."""
+        parts, run = [], []
+        for i in ids:
+            if i == IMAGE_TOKEN_INDEX:
+                parts += [self.tokenizer.decode(run), DEFAULT_IMAGE_TOKEN]
+                run = []
+            else:
+                run.append(i)
+        parts.append(self.tokenizer.decode(run))
+        return "".join(parts)
 
     def before_train(self, runner) -> None:
         loop = runner.train_loop

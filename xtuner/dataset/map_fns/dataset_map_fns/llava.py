@@ -11,11 +11,12 @@ from .chat import SHAREGPT_ROLES, sharegpt_turns
 
 @MAP_FUNC.register_module()
 def llava_map_fn(example: dict) -> Conversation:
-    """LLaVA instruction record; the image token is moved to the start of its message.
+    """LLaVA instruction record; a single image token is moved to the start of its message.
 
-    A user message containing ``'<image>'`` has the token removed from where it is and put
-    at its start, followed by a newline (the LLaVA convention). Records without an image
-    (text-only samples) pass through. Turns are grouped as in ``wizardlm_map_fn``.
+    A user message containing one ``'<image>'`` has the token removed from where it is and
+    put at its start, followed by a newline (the LLaVA convention). A message with several
+    image tokens keeps them where they are (one per image, in order). Records without an
+    image (text-only samples) pass through. Turns are grouped as in ``wizardlm_map_fn``.
 
     Args:
         example: one dataset record.
@@ -25,7 +26,7 @@ def llava_map_fn(example: dict) -> Conversation:
     """
     turns = sharegpt_turns(example, "llava_map_fn")
     for turn in turns:
-        if DEFAULT_IMAGE_TOKEN in turn["input"]:
+        if turn["input"].count(DEFAULT_IMAGE_TOKEN) == 1:
             text = turn["input"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
             turn["input"] = f"{DEFAULT_IMAGE_TOKEN}\n{text}"
     return {"conversation": turns}
