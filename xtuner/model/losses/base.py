@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from xtuner.utils.constants import IGNORE_INDEX
 
+from .functional import scratch_pool
+
 REDUCTIONS = ("token", "sample", "square")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -427,34 +429,35 @@ def _chunk_pass(
         if buffer.dtype != compute_dtype
         else None
     )
-    # One (possibly empty) chunk even without tokens, so the term names are known.
-    for start in range(0, max(n, 1), step):
-        end = min(start + step, n)
-        h = hidden[start:end].to(weight.dtype)
-        logits = torch.mm(h, weight.t(), out=buffer[: end - start])
-        if bias is not None:
-            logits.add_(bias)
-        if upcast is not None:
-            logits = upcast[: end - start].copy_(logits)
-        y = targets[start:end]
-        # A token is correct when its target's logit is the row's maximum (cheaper than argmax).
-        n_correct += (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).sum()
-        w = tok_w[start:end]
-        values, grad = loss.loss_and_grad(
-            logits, y, {k: v[start:end] for k, v in extras.items()}, w
-        )
-        del logits
-        for key, value in values.items():
-            part = (value * w).sum()
-            sums[key] = part if key not in sums else sums[key] + part
-        grad = grad.to(weight.dtype)
-        if grad_h is not None:
-            torch.mm(grad, weight, out=grad_h[start:end])
-        if grad_w is not None:
-            grad_w.addmm_(grad.t(), h)
-        if grad_b is not None:
-            grad_b.add_(grad.sum(0))
-        del grad  # the next chunk overwrites the buffer
+    with scratch_pool():
+        # One (possibly empty) chunk even without tokens, so the term names are known.
+        for start in range(0, max(n, 1), step):
+            end = min(start + step, n)
+            h = hidden[start:end].to(weight.dtype)
+            logits = torch.mm(h, weight.t(), out=buffer[: end - start])
+            if bias is not None:
+                logits.add_(bias)
+            if upcast is not None:
+                logits = upcast[: end - start].copy_(logits)
+            y = targets[start:end]
+            # Correct when the target's logit is the row's maximum (cheaper than argmax).
+            n_correct += (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).sum()
+            w = tok_w[start:end]
+            values, grad = loss.loss_and_grad(
+                logits, y, {k: v[start:end] for k, v in extras.items()}, w
+            )
+            del logits
+            for key, value in values.items():
+                part = (value * w).sum()
+                sums[key] = part if key not in sums else sums[key] + part
+            grad = grad.to(weight.dtype)
+            if grad_h is not None:
+                torch.mm(grad, weight, out=grad_h[start:end])
+            if grad_w is not None:
+                grad_w.addmm_(grad.t(), h)
+            if grad_b is not None:
+                grad_b.add_(grad.sum(0))
+            del grad  # the next chunk overwrites the buffer
     return sums, n_correct, [grad_h, grad_w, grad_b]
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from xtuner.registry import LOSSES
 
 from .base import BaseLoss, LossContext, LossOutput, LossTerm, TokenLoss, WeightSpec
+from .functional import scratch
 
 
 class LossConfigError(ValueError):
@@ -291,19 +292,26 @@ class _FusedTokenLoss(TokenLoss):
         return [name for part in self.parts for name in part.term_names()]
 
     def loss_and_grad(self, logits, targets, extras, weights):
+        # Earlier parts work on copies and sum their gradients in `acc`; the last part works
+        # on the chunk's own buffer and adds `acc` to its gradient.
         values: dict[str, Tensor] = {}
-        grad = None
-        last = len(self.parts) - 1
-        for i, (part, factor) in enumerate(zip(self.parts, self.factors)):
-            own = logits if i == last else logits.clone()
-            part_values, part_grad = part.loss_and_grad(own, targets, extras, weights * factor)
-            del own
-            for key, value in part_values.items():
-                values[key] = value * factor
-                self._policy[key] = part.nonfinite
-            grad = part_grad if grad is None else grad.add_(part_grad)
-            del part_grad
-        return values, grad
+        acc = None
+        for part, factor in zip(self.parts[:-1], self.factors[:-1]):
+            own = scratch("fused.acc" if acc is None else "fused.part", logits).copy_(logits)
+            grad = self._part(part, factor, own, targets, extras, weights, values)
+            if acc is None:
+                acc = grad if grad is own else own.copy_(grad)
+            else:
+                acc.add_(grad)
+        last, factor = self.parts[-1], self.factors[-1]
+        return values, self._part(last, factor, logits, targets, extras, weights, values).add_(acc)
+
+    def _part(self, part, factor, logits, targets, extras, weights, values) -> Tensor:
+        part_values, grad = part.loss_and_grad(logits, targets, extras, weights * factor)
+        for key, value in part_values.items():
+            values[key] = value * factor
+            self._policy[key] = part.nonfinite
+        return grad
 
     def forward(self, ctx: LossContext) -> LossOutput:
         out = super().forward(ctx)

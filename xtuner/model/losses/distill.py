@@ -14,7 +14,7 @@ from xtuner.registry import BUILDER, LOSSES
 
 from .base import LossInputError, TokenLoss
 from .cross_entropy import cross_entropy_and_grad_
-from .functional import log_softmax_, row_dot
+from .functional import log_softmax_, row_dot, scratch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -93,7 +93,7 @@ class KDLoss(TokenLoss):
 
     @property
     def logit_rows(self) -> int:  # type: ignore[override]
-        rows = {"forward_kl": 3, "reverse_kl": 3, "jsd": 4}[self.divergence]
+        rows = {"forward_kl": 3, "reverse_kl": 2, "jsd": 4}[self.divergence]
         return rows + (1 if self.ce_weight else 0)
 
     @property
@@ -134,29 +134,37 @@ class KDLoss(TokenLoss):
                 f"student's ({like.shape[-1]}); distillation needs the same tokenizer and "
                 "output size"
             )
-        return F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).to(like.dtype)
+        out = scratch("kd.teacher", like)
+        hidden = hidden.to(head.weight.dtype)
+        if head.weight.dtype != like.dtype:
+            return out.copy_(F.linear(hidden, head.weight, head.bias))
+        torch.mm(hidden, head.weight.t(), out=out)
+        return out if head.bias is None else out.add_(head.bias)
 
     def loss_and_grad(self, logits, targets, extras, weights):
         values, ce_grad = {}, None
         if self.ce_weight:
-            ce, ce_grad = cross_entropy_and_grad_(logits.clone(), targets, self.ce_weight * weights)
+            ce_logits = scratch("kd.ce", logits).copy_(logits)
+            ce, ce_grad = cross_entropy_and_grad_(ce_logits, targets, self.ce_weight * weights)
             values["ce"] = self.ce_weight * ce
-        coef = 1 - self.ce_weight
-        temp = self.temperature
-        student = logits.div_(temp)
-        teacher = self._teacher_logits(extras[self.teacher_key], logits).div_(temp)
+        coef, temp = 1 - self.ce_weight, self.temperature
+        student = logits
+        teacher = self._teacher_logits(extras[self.teacher_key], logits)
+        if temp != 1:
+            student.div_(temp)
+            teacher.div_(temp)
         log_softmax_(student)
         log_softmax_(teacher)
-        # Each branch leaves dD/d(z/T) in `grad` and D in `div`.
+        # Each branch leaves D in `div` and dD/d(z/T) in the student's buffer.
         if self.divergence == "forward_kl":
-            teacher_p = teacher.exp()
+            teacher_p = torch.exp(teacher, out=scratch("kd.teacher_p", teacher))
             div = row_dot(teacher_p, teacher) - row_dot(teacher_p, student)
             grad = student.exp_().sub_(teacher_p)
         elif self.divergence == "reverse_kl":
             diff = teacher.sub_(student).neg_()  # log P - log Q
             student_p = student.exp_()
             div = row_dot(student_p, diff)
-            grad = diff.sub_(div[:, None]).mul_(student_p)
+            grad = student_p.mul_(diff.sub_(div[:, None]))
         else:
             div, grad = self._jsd_(student, teacher)
         values[self.name] = coef * temp**2 * div
@@ -167,11 +175,12 @@ class KDLoss(TokenLoss):
         return values, grad
 
     def _jsd_(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
-        """Generalised JSD and its gradient w.r.t. the student's scaled logits, in place."""
+        """Generalised JSD and its gradient w.r.t. the student's scaled logits (in ``log_p``)."""
         beta = self.beta
-        log_m = log_p + math.log(1 - beta)
-        torch.logaddexp(log_m, log_q + math.log(beta), out=log_m)
-        probs = log_q.exp()
+        # log M = log(beta) + logaddexp(log P + log((1 - beta) / beta), log Q)
+        log_m = torch.add(log_p, math.log((1 - beta) / beta), out=scratch("kd.log_m", log_p))
+        torch.logaddexp(log_m, log_q, out=log_m).add_(math.log(beta))
+        probs = torch.exp(log_q, out=scratch("kd.probs", log_q))
         kl_q = row_dot(probs, log_q) - row_dot(probs, log_m)
         torch.exp(log_p, out=probs)
         kl_p = row_dot(probs, log_p) - row_dot(probs, log_m)

@@ -2,13 +2,56 @@
 
 A chunk of logits is ``[n, V]`` with ``V`` in the hundred thousands, so every temporary of
 that shape costs as much as the chunk itself. These helpers overwrite their input instead
-of allocating, and reduce rows without materialising products.
+of allocating, reduce rows without materialising products, and hand out scratch buffers
+that the chunks of one pass share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
+
+_POOL: ContextVar[dict[str, Tensor] | None] = ContextVar("xtuner_loss_scratch", default=None)
+#: the size of the row blocks that temporaries are limited to.
+BLOCK_BYTES = 8 << 20
+
+
+@contextmanager
+def scratch_pool() -> Iterator[None]:
+    """Within the block, :func:`scratch` reuses its buffers (one chunked pass)."""
+    token = _POOL.set({})
+    try:
+        yield
+    finally:
+        _POOL.reset(token)
+
+
+def scratch(key: str, like: Tensor) -> Tensor:
+    """An uninitialised tensor shaped like ``like``, reused by every chunk of a pass.
+
+    Within :func:`scratch_pool` the same key returns the same memory (sized by the first
+    chunk, the largest), since fresh ``[chunk x V]`` allocations cost page faults on CPU;
+    elsewhere a fresh tensor. Whatever the previous chunk left there must be overwritten, and
+    a result that outlives the call must not stay in it.
+    """
+    pool = _POOL.get()
+    if pool is None:
+        return torch.empty_like(like)
+    buf = pool.get(key)
+    fits = (
+        buf is not None
+        and buf.shape[0] >= like.shape[0]
+        and buf.shape[1:] == like.shape[1:]
+        and buf.dtype == like.dtype
+        and buf.device == like.device
+    )
+    if not fits:
+        buf = pool[key] = torch.empty_like(like)
+    return buf[: like.shape[0]]
 
 
 def softmax_(x: Tensor) -> Tensor:
@@ -25,14 +68,18 @@ def softmax_(x: Tensor) -> Tensor:
 
 
 def log_softmax_(x: Tensor) -> Tensor:
-    """Replaces each row of ``x`` by its log-softmax (one temporary row block meanwhile).
+    """Replaces each row of ``x`` by its log-softmax; temporaries stay under 8 MiB.
 
     Returns:
         ``[n]`` the log-sum-exp of each original row.
     """
-    lse = torch.logsumexp(x, -1, keepdim=True)
-    x.sub_(lse)
-    return lse.squeeze(-1)
+    lse = x.new_empty(x.shape[0])
+    rows = max(1, BLOCK_BYTES // max(1, x.shape[-1] * x.element_size()))
+    for start in range(0, x.shape[0], rows):
+        part = x[start : start + rows]
+        torch.logsumexp(part, -1, out=lse[start : start + rows])
+        part.sub_(lse[start : start + rows, None])
+    return lse
 
 
 def row_dot(a: Tensor, b: Tensor) -> Tensor:
