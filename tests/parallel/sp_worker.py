@@ -38,7 +38,9 @@ def build_hf(kind: str = "llama", attn: str = "sdpa"):
     from xtuner.demo import tiny_llama_config
 
     torch.manual_seed(0)
-    if kind == "qwen2":
+    if kind.startswith("qwen2"):
+        # "qwen2_sliding": the second layer attends to a window of 3 tokens.
+        sliding = dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)
         config = Qwen2Config(
             vocab_size=VOCAB,
             hidden_size=64,
@@ -48,6 +50,7 @@ def build_hf(kind: str = "llama", attn: str = "sdpa"):
             num_key_value_heads=1,
             max_position_embeddings=256,
             tie_word_embeddings=False,
+            **(sliding if kind == "qwen2_sliding" else {}),
         )
         model = Qwen2ForCausalLM(config)
     else:
@@ -237,6 +240,7 @@ def sp_scenarios() -> list[tuple[str, str, str, object, str, bool]]:
         for batch in BATCHES:
             cases.append((f"llama-{loss_name}-{batch}", "llama", "sdpa", loss, batch, False))
     cases.append(("qwen2_kv1-ce-packed", "qwen2", "sdpa", None, "packed", False))
+    cases.append(("qwen2_sliding-ce-packed", "qwen2_sliding", "sdpa", None, "packed", False))
     cases.append(("llama_eager-ce-padded", "llama", "eager", None, "padded", False))
     cases.append(("llama_eager-ce-packed", "llama", "eager", None, "packed", False))
     cases.append(("llama_ckpt-ce-packed", "llama", "sdpa", None, "packed", True))

@@ -187,7 +187,10 @@ def test_registered_attention_without_context_is_the_kernel(kernel):
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind, kernel", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+@pytest.mark.parametrize(
+    "kind, kernel",
+    [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("qwen2_sliding", "sdpa")],
+)
 def test_context_builds_the_whole_sequence_mask(kind, kernel):
     """With one rank the all-to-alls are identities, so this isolates the mask built from the
     context: packed documents must stay apart exactly as transformers keeps them."""
@@ -205,7 +208,8 @@ def test_context_builds_the_whole_sequence_mask(kind, kernel):
         unpacked = plain(**kwargs).logits
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, unpacked, atol=1e-4)  # the documents really are kept apart
-    assert len(context.masks) == 1  # built once, shared by the layers
+    # built once per kind of layer (full / sliding window), shared by the layers
+    assert len(context.masks) == (2 if kind == "qwen2_sliding" else 1)
 
 
 def test_enable_sequence_parallel_attention(monkeypatch):

@@ -1,13 +1,14 @@
 """TrainLoop: iteration-based training that knows the tokens of each accumulation window.
 
-The normalisation rule (docs/en/loss_normalization.md): the gradient of one optimizer step is
-the gradient of ``sum(w*l) / sum(w)`` over every valid token of every micro-batch of the
-accumulation window on every rank. Before the first micro-batch of a window the loop fetches
-the whole window, asks the model for each micro-batch's token-weight sums
-(``model.loss_denominators``), all-reduces them, and hands every micro-batch the effective
-denominator ``D_global / (ranks averaged over x optim-wrapper divisor)`` as
-``data['loss_denominator']``. Data-parallel averaging and the wrapper's accumulation
-scaling then turn each micro-batch's ``sum(w*l) / denominator`` into exactly that gradient.
+The normalisation rule (docs/en/sequence_parallel.md, "Loss normalisation"): the gradient
+of one optimizer step is the gradient of ``sum(w*l) / sum(w)`` over every valid token of
+every micro-batch of the accumulation window on every rank. Before the first micro-batch of
+a window the loop fetches the whole window, asks the model for each micro-batch's
+token-weight sums (``model.loss_denominators``), all-reduces them, and hands every
+micro-batch the effective denominator ``D_global / (ranks averaged over x optim-wrapper
+divisor)`` as ``data['loss_denominator']``. Data-parallel averaging and the wrapper's
+accumulation scaling then turn each micro-batch's ``sum(w*l) / denominator`` into exactly
+that gradient.
 """
 
 from __future__ import annotations
