@@ -183,16 +183,15 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def param_group(name: str) -> str:
-    """The parameter group a trainable tensor belongs to, from its name."""
-    if "lora_" in name:
-        return "LoRA adapters"
-    if "projector" in name:
-        return "projector"
-    if "visual_encoder" in name:
-        return "vision encoder"
+    """The parameter group of a trainable tensor, from its name (LLaVA names included)."""
     if name.startswith("loss."):
         return "loss"
-    return "LLM"
+    if "projector" in name:
+        return "projector"
+    part = "vision encoder" if "visual_encoder" in name else "LLM"
+    if "lora_" in name:
+        return "LoRA adapters" if part == "LLM" else f"{part} LoRA adapters"
+    return part
 
 
 @contextlib.contextmanager
@@ -917,7 +916,7 @@ def side_by_side(report: dict) -> list[list[str]]:
             ]
         )
         cosines = [b["grad_cosine"] for b in batches if b["grad_cosine"] is not None]
-        text = f"mean {_fmt(_mean(cosines), 3)}, min {_fmt(min(cosines), 3)}" if cosines else "n/a"
+        text = f"mean {_mean(cosines):.4f}, min {min(cosines):.4f}" if cosines else "n/a"
         rows.append(["gradient cosine with baseline", text, "1"])
         quant = "/".join(QUANTILES) + "/max"
         per_term: dict[str, list[str]] = {}

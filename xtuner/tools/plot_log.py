@@ -61,6 +61,7 @@ def plot_panels(panels: list[Panel], out: str, title: str | None = None) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     width, height = figure_size(len(panels))
     cols = min(max(len(panels), 1), 2)
@@ -80,6 +81,7 @@ def plot_panels(panels: list[Panel], out: str, title: str | None = None) -> str:
                     ax.plot(*zip(*points), style, label=label, linewidth=1.2)
             ax.set_title(panel.title, fontsize=10)
             ax.set_xlabel(panel.xlabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(panel.ylabel or panel.title)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
