@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtuner.model.losses import (
+    BaseLoss,
+    CompositeLoss,
     CrossEntropyLoss,
     DFTLoss,
     EntropyRegularization,
@@ -19,6 +21,8 @@ from xtuner.model.losses import (
     KDLoss,
     LossContext,
     LossInputError,
+    LossOutput,
+    LossTerm,
     TokenLoss,
     TokenWeightedCELoss,
     ZLoss,
@@ -49,8 +53,8 @@ class TinyTeacher(nn.Module):
         return self.head
 
 
-def _builtins(chunk_size: int, vocab: int, dim: int):
-    teacher = TinyTeacher(dim, vocab)
+def _builtins(chunk_size: int, vocab: int, dim: int, teacher: TinyTeacher | None = None):
+    teacher = teacher or TinyTeacher(dim, vocab)
     return [
         CrossEntropyLoss(chunk_size=chunk_size, label_smoothing=0.1),
         FocalLoss(chunk_size=chunk_size, gamma=1.5),
@@ -73,9 +77,9 @@ def _teacher_extras(loss, case):
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_chunked_equals_unchunked(layout):
+    teacher = TinyTeacher(6, 13)
     for chunk in (1, 3, 7):
-        for full, chunked in zip(_builtins(0, 13, 6), _builtins(chunk, 13, 6)):
-            chunked.teacher = full.teacher if isinstance(full, KDLoss) else None
+        for full, chunked in zip(_builtins(0, 13, 6, teacher), _builtins(chunk, 13, 6, teacher)):
             case = make_case(layout, bias=True)
             extras = _teacher_extras(full, case)
             a = total(run_loss(full, case, extras))
@@ -115,6 +119,33 @@ def test_term_names_of_a_multi_term_loss():
     assert {"loss_brier", "loss_peak", "acc", "num_tokens"} == set(result)
     single = run_loss(CrossEntropyLoss(), make_case("padded"))
     assert {"loss", "acc", "num_tokens"} == set(single)
+
+
+class SequenceNLL(BaseLoss):
+    """A full loss (the docs' example): each row's summed NLL, averaged over rows."""
+
+    default_name = "seq_nll"
+
+    def forward(self, ctx: LossContext) -> LossOutput:
+        logits = F.linear(ctx.hidden_states, ctx.head_weight, ctx.head_bias).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ctx.labels, reduction="none")
+        has_target = (ctx.labels != -100).any(-1)
+        value = nll.sum(-1)[has_target].sum()
+        rows = has_target.sum().to(value)
+        return self.make_output(ctx, {self.name: LossTerm(value, denominator=rows)})
+
+
+def test_full_loss_with_its_own_denominator():
+    case = make_case("padded")
+    result = run_loss(SequenceNLL(), case)
+    logits = F.linear(case.hidden, case.weight)
+    nll = F.cross_entropy(logits.transpose(1, 2), case.labels, reduction="none")
+    expected = nll.sum(-1)[:2].mean()  # the third row has no target
+    assert_close_all(
+        [result["loss"], *grads(result["loss"], case)], [expected, *grads(expected, case)]
+    )
+    combined = run_loss(CompositeLoss([SequenceNLL(), CrossEntropyLoss()]), case)
+    assert {"loss_seq_nll", "loss_ce"} <= set(combined)
 
 
 def test_every_position_valid_matches_gathered():
