@@ -130,3 +130,11 @@ def test_bad_options_and_teacher():
         KDLoss(teacher, divergence="jsd", beta=1.0)
     with pytest.raises(TypeError, match="teacher must be"):
         KDLoss(torch.nn.Linear(2, 2))
+
+    class HeadOnly(torch.nn.Module):
+        def get_output_embeddings(self):
+            return torch.nn.Linear(2, VOCAB)
+
+    loss = KDLoss(HeadOnly())
+    with pytest.raises(TypeError, match="cannot find the decoder of the teacher"):
+        loss.extra_inputs({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, None)

@@ -388,7 +388,7 @@ def chunked_token_loss(
         extras: per-token extras, ``[n, ...]`` each.
 
     Returns:
-        (term name -> ``sum(w * l)``, number of tokens whose argmax equals the target).
+        (term name -> ``sum(w * l)``, number of tokens whose target has the largest logit).
     """
     names: list[str] = []  # filled by the forward: an autograd.Function returns tensors only
     outputs = _ChunkedTokenLoss.apply(

@@ -111,7 +111,16 @@ class KDLoss(TokenLoss):
 
     def _teacher_backbone(self) -> nn.Module:
         prefix = getattr(self.teacher, "base_model_prefix", "")
-        return getattr(self.teacher, prefix, None) or self.teacher.get_decoder()
+        backbone = getattr(self.teacher, prefix, None) if prefix else None
+        if backbone is None and hasattr(self.teacher, "get_decoder"):
+            backbone = self.teacher.get_decoder()
+        if backbone is None:
+            raise TypeError(
+                f"KDLoss: cannot find the decoder of the teacher ({type(self.teacher).__name__}):"
+                " give an HF causal LM, or a module with get_decoder() returning a module whose "
+                "output has last_hidden_state"
+            )
+        return backbone
 
     def extra_inputs(self, batch: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
         """Runs the teacher on the whole batch; returns its final hidden states."""
