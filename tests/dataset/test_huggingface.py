@@ -287,3 +287,24 @@ def test_distributed_first_rank_processes_and_others_load(write_jsonl, demo_asse
     assert results[0]["processed"] == [True, False]
     assert results[1]["processed"] == [False, False]
     assert results[0]["digest"] == results[1]["digest"]
+
+
+def test_editing_a_map_function_invalidates_the_cache(tmp_path, tokenizer, monkeypatch):
+    module = tmp_path / "my_qa_map.py"
+    source = (
+        "def qa_map_fn(example):\n"
+        "    return {'conversation': [{'input': example['q'], 'output': example['a'] + %r}]}\n"
+    )
+    module.write_text(source % "")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import my_qa_map
+
+    data = Dataset.from_list([{"q": "question", "a": "answer"}])
+    kwargs = dict(tokenizer=tokenizer, max_length=64, pack_to_max_length=False)
+    before = process_hf_dataset(data, dataset_map_fn="my_qa_map.qa_map_fn", **kwargs)
+    module.write_text(source % " more")
+    importlib.reload(my_qa_map)
+    after = process_hf_dataset(data, dataset_map_fn="my_qa_map.qa_map_fn", **kwargs)
+    assert len(after[0]["input_ids"]) > len(before[0]["input_ids"])

@@ -20,6 +20,7 @@ Differences from 0.x that users see:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import os.path as osp
@@ -28,6 +29,7 @@ import tempfile
 import uuid
 from collections import Counter
 from datetime import timedelta
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -167,22 +169,50 @@ def _tokenizer_digest(tokenizer) -> str:
     )
 
 
+def _module_source(obj) -> str:
+    module = inspect.getmodule(obj)
+    try:
+        return inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):  # built-in or interactively defined
+        return ""
+
+
+def _callable_digest(fn) -> list:
+    """What a map function's result depends on: its arguments and the source of its module.
+
+    Functions pickle by reference, so a hash of the function alone would miss edits to it.
+    """
+    if fn is None:
+        return [None]
+    if isinstance(fn, partial):
+        return [*_callable_digest(fn.func), fn.args, sorted(fn.keywords.items())]
+    return [
+        getattr(fn, "__module__", None),
+        getattr(fn, "__qualname__", None),
+        _module_source(fn),
+        fn,
+    ]
+
+
 def _cache_key(dataset: Dataset, tokenizer, map_fn, template_fn, options: dict) -> str | None:
     """A hash of everything the processed data depends on (None when something won't hash)."""
     from datasets.fingerprint import Hasher
 
     from xtuner.version import __version__
 
+    from . import utils
+
     try:
         hasher = Hasher()
         for part in (
             _CACHE_FORMAT,
             __version__,
+            _module_source(utils),  # the encoding and packing rules
             dataset._fingerprint,
             len(dataset),
             None if tokenizer is None else _tokenizer_digest(tokenizer),
-            map_fn,
-            template_fn,
+            _callable_digest(map_fn),
+            _callable_digest(template_fn),
             sorted(options.items()),
         ):
             hasher.update(part)

@@ -126,8 +126,8 @@ def check_dataset(target: dict, max_printed: int) -> int:
     problems, truncated = problems + found, truncated + cut
 
     for where, code, detail in problems[:max_printed]:
-        label = "invalid JSON" if code == "parse" else DROP_REASONS[code]
-        print(f"  {where}: {label}: {detail}")
+        label = "" if code == "parse" else f"{DROP_REASONS[code]}: "  # detail says invalid JSON
+        print(f"  {where}: {label}{detail}")
     if len(problems) > max_printed:
         print(f"  ... and {len(problems) - max_printed} more")
     bad = len({where for where, _, _ in problems})
