@@ -22,24 +22,24 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 
-def write_config(tmp_path, assets: dict) -> str:
-    """The bundled config with its demo-asset lines pointed at the test's tiny model."""
-    with open(cfgs_name_path[CONFIG], encoding="utf-8") as f:
+def bundled_config() -> str:
+    """The bundled config itself, checked to be written the upstream sequence-parallel way."""
+    path = cfgs_name_path[CONFIG]
+    with open(path, encoding="utf-8") as f:
         text = f.read()
-    start = text.index("demo_root = ")
-    end = text.index('data_path = demo["data"]\n') + len('data_path = demo["data"]\n')
-    paths = f"pretrained_model_name_or_path = {assets['model']!r}\ndata_path = {assets['data']!r}\n"
-    text = text[:start] + paths + text[end:]
-    text = text.replace("import os\n", "").replace("from xtuner.demo import prepare_demo\n", "")
     for required in (
         "sequence_parallel_size = 2",
         "accumulative_counts *= sequence_parallel_size",
         "type=SequenceParallelSampler",
     ):
         assert required in text
-    path = tmp_path / "sp2.py"
-    path.write_text(text)
-    return str(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> str:
+    """Where the config builds its tiny model (once for both tests)."""
+    return str(tmp_path_factory.mktemp("sp2_demo_assets"))
 
 
 def logged(work_dir: str) -> list[dict]:
@@ -52,14 +52,14 @@ def logged(work_dir: str) -> list[dict]:
 @pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.parametrize("deepspeed", [None, "deepspeed_zero2"])
-def test_sp2_config_trains_with_torchrun(tmp_path, demo_assets, deepspeed):
+def test_sp2_config_trains_with_torchrun(tmp_path, demo_dir, deepspeed):
     work_dir = str(tmp_path / "work")
     args = [
         sys.executable,
         "-m",
         "xtuner.entry_point",
         "train",
-        write_config(tmp_path, demo_assets),
+        bundled_config(),
     ]
     args += ["--work-dir", work_dir, "--seed", "0"]
     if deepspeed:
@@ -78,6 +78,7 @@ def test_sp2_config_trains_with_torchrun(tmp_path, demo_assets, deepspeed):
         PORT=str(worker.free_port()),
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
+        XTUNER_DEMO_DIR=demo_dir,
     )
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])

@@ -6,8 +6,6 @@
 #   NPROC_PER_NODE=2 xtuner train demo_tiny_llama_full_alpaca_sp2
 #   NPROC_PER_NODE=2 xtuner train demo_tiny_llama_full_alpaca_sp2 --deepspeed deepspeed_zero2
 # See docs/en/sequence_parallel.md.
-import os
-
 from datasets import load_dataset
 from mmengine.hooks import (
     CheckpointHook,
@@ -18,12 +16,11 @@ from mmengine.hooks import (
 )
 from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from torch.optim import AdamW
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
-from xtuner.demo import prepare_demo
+from xtuner.demo import DEMO_DATA, demo_llm, demo_tokenizer
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
@@ -33,14 +30,10 @@ from xtuner.utils import PROMPT_TEMPLATE
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
-# The tiny model and tokenizer are written here once (about 10 s). Its 4 attention heads
-# are split over the sequence-parallel ranks (the head count must divide by the sp size).
-demo_root = os.environ.get("XTUNER_DEMO_DIR", os.path.expanduser("~/.cache/xtuner/demo"))
-demo = prepare_demo(
-    demo_root, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4
-)
-pretrained_model_name_or_path = demo["model"]
-data_path = demo["data"]
+# The tiny model and tokenizer are built offline on first use (about 10 s). Its 4 attention
+# heads are split over the sequence-parallel ranks (the head count must divide by the sp size).
+demo_model = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+data_path = DEMO_DATA
 prompt_template = PROMPT_TEMPLATE.qwen_chat
 max_length = 256
 pack_to_max_length = True
@@ -71,22 +64,13 @@ evaluation_inputs = ["Reverse the word.\nplanet", "Add the two numbers.\n12 + 30
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-tokenizer = dict(
-    type=AutoTokenizer.from_pretrained,
-    pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
-    padding_side="right",
-)
+tokenizer = dict(type=demo_tokenizer, **demo_model)
 
 model = dict(
     type=SupervisedFinetune,
     use_activation_checkpointing=False,
     use_varlen_attn=use_varlen_attn,
-    llm=dict(
-        type=AutoModelForCausalLM.from_pretrained,
-        pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
-    ),
+    llm=dict(type=demo_llm, **demo_model),
     loss=dict(type="CrossEntropyLoss"),
 )
 
