@@ -113,6 +113,22 @@ def test_resume_gives_the_same_loss_curve(tmp_path, demo_assets):
     resumed = losses_of(part_dir)
     assert resumed == pytest.approx(reference[3:], rel=1e-5)
 
+    # The LoRA checkpoint converts to an HF adapter, which merges into the base model.
+    adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
+    out = run_xtuner("convert", "pth_to_hf", full_cfg, osp.join(full_dir, "iter_6.pth"), adapter)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert osp.exists(osp.join(adapter, "adapter_config.json"))
+    out = run_xtuner("convert", "merge", demo_assets["model"], adapter, merged)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(demo_assets["model"])
+    tuned = AutoModelForCausalLM.from_pretrained(merged)
+    ids = torch.arange(5, 25).unsqueeze(0)
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, tuned(ids).logits)
+
 
 @pytest.mark.parametrize(
     "case, expect",

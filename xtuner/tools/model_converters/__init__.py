@@ -1,0 +1,17 @@
+"""``xtuner convert pth_to_hf|merge``: turn training checkpoints into HF models."""
+
+from __future__ import annotations
+
+import sys
+
+from . import merge, pth_to_hf
+
+COMMANDS = {"pth_to_hf": pth_to_hf, "merge": merge}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: xtuner convert {{{'|'.join(COMMANDS)}}} ARGS", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]].main(argv[1:])

@@ -1,0 +1,79 @@
+"""``xtuner convert pth_to_hf CONFIG PTH SAVE_DIR``: a training checkpoint to an HF model.
+
+PTH is an mmengine checkpoint file (``iter_N.pth``) or a DeepSpeed checkpoint folder. With
+LoRA the adapter is saved (merge it with ``xtuner convert merge``); LLaVA models take
+``--save-format xtuner|huggingface``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os.path as osp
+
+import torch
+
+from xtuner._compat import trust_checkpoint_path
+from xtuner.tools.utils import UserError, add_cfg_options, load_config, run_tool
+
+
+def load_state_dict(path: str) -> dict:
+    """The model weights of an mmengine ``.pth`` file or a DeepSpeed checkpoint folder."""
+    trust_checkpoint_path(path)
+    if osp.isdir(path):
+        files = sorted(glob.glob(osp.join(path, "**", "*model_states.pt"), recursive=True))
+        if not files:
+            raise UserError(f"{path} is a folder without a DeepSpeed '*model_states.pt' file")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+        return state.get("module", state)
+    if not osp.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state.get("state_dict", state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xtuner convert pth_to_hf", description=__doc__)
+    parser.add_argument("config", help="the training config (path or bundled name)")
+    parser.add_argument("pth_model", help="checkpoint file or DeepSpeed checkpoint folder")
+    parser.add_argument("save_dir", help="where the HF model is written")
+    parser.add_argument("--fp32", action="store_true", help="save in fp32 (default 16-bit)")
+    parser.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB")
+    parser.add_argument(
+        "--safe-serialization", action="store_true", default=True, help="safetensors (default)"
+    )
+    parser.add_argument("--save-format", default=None, help="LLaVA: xtuner or huggingface")
+    add_cfg_options(parser)
+
+    def body() -> int:
+        from xtuner.registry import BUILDER
+
+        args = parser.parse_args(argv)
+        cfg = load_config(args.config, args.cfg_options)
+        model = BUILDER.build(cfg.model)
+        state = load_state_dict(args.pth_model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise UserError(
+                f"{args.pth_model} does not fit this config's model: unexpected keys "
+                f"{unexpected[:3]}... (is it the checkpoint of this config?)"
+            )
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if trainable and not trainable & set(state):
+            raise UserError(f"{args.pth_model} holds none of the model's trainable weights")
+        kwargs = {}
+        if args.save_format is not None:
+            kwargs["save_format"] = args.save_format
+        model.to_hf(
+            cfg,
+            args.save_dir,
+            fp32=args.fp32,
+            save_pretrained_kwargs=dict(
+                max_shard_size=args.max_shard_size, safe_serialization=args.safe_serialization
+            ),
+            **kwargs,
+        )
+        print(f"saved to {args.save_dir}")
+        return 0
+
+    return run_tool(body, "xtuner convert pth_to_hf")
