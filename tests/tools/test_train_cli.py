@@ -136,7 +136,7 @@ def test_resume_gives_the_same_loss_curve(tmp_path, demo_assets):
         ("missing_config", "neither a file nor a bundled config"),
         ("typo_key", "Did you mean 'llm'"),
         ("missing_model", "does not exist"),
-        ("bad_json", "line"),
+        ("bad_json", "bad.jsonl:2: invalid JSON"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path, demo_assets, case, expect):

@@ -151,6 +151,10 @@ class BaseLoss(nn.Module):
     required_fields: dict[str, str] = {}
     #: the term name when none is given.
     default_name: str = "loss"
+    #: False for losses whose gradient is on purpose not the derivative of their value (a
+    #: stop-gradient inside, as DFT): ``xtuner check-loss`` then reports a gradcheck
+    #: mismatch as expected instead of failing.
+    gradient_matches_value: bool = True
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ class DFTLoss(TokenLoss):
     """
 
     default_name = "dft"
+    gradient_matches_value = False  # sg(p_t): the gradient is not d(value)
     logit_rows = 1
 
     def loss_and_grad(self, logits, targets, extras, weights):
