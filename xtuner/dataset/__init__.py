@@ -2,8 +2,15 @@
 
 from .concat_dataset import ConcatDataset
 from .huggingface import process_hf_dataset
-from .llava import LLaVADataset
+from .llava import LLaVADataset, expand2square
 from .modelscope import process_ms_dataset
 from .utils import encode_fn
 
-__all__ = ["LLaVADataset", "process_hf_dataset", "process_ms_dataset", "ConcatDataset", "encode_fn"]
+__all__ = [
+    "process_hf_dataset",
+    "process_ms_dataset",
+    "ConcatDataset",
+    "LLaVADataset",
+    "expand2square",
+    "encode_fn",
+]
