@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
+import shutil
 
 DEMO_DIR = osp.dirname(osp.abspath(__file__))
 DEMO_DATA = osp.join(DEMO_DIR, "data", "demo_alpaca.jsonl")
@@ -106,14 +107,31 @@ def build_tiny_llama(save_dir: str, vocab_size: int, seed: int = 0, **overrides)
 
 
 def prepare_demo(root: str, force: bool = False, **model_overrides) -> dict[str, str]:
-    """Writes the demo tokenizer and model under ``root`` (once) and returns their paths."""
-    tok_dir = osp.join(root, "tokenizer")
-    model_dir = osp.join(root, "model")
-    if force or not osp.exists(osp.join(model_dir, "config.json")):
-        tokenizer = build_tiny_tokenizer(tok_dir)
-        tokenizer.save_pretrained(model_dir)
-        build_tiny_llama(model_dir, len(tokenizer), **model_overrides)
-    return {"tokenizer": tok_dir, "model": model_dir, "data": DEMO_DATA}
+    """Writes the demo tokenizer and model under ``root`` (once) and returns their paths.
+
+    Several processes may ask at once (every rank of a torchrun job): each builds into a
+    private folder and renames it into place, so a reader never sees a half-written model.
+    """
+    paths = {
+        "tokenizer": osp.join(root, "tokenizer"),
+        "model": osp.join(root, "model"),
+        "data": DEMO_DATA,
+    }
+    if not force and osp.exists(osp.join(paths["model"], "config.json")):
+        return paths
+    staging = f"{root}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = build_tiny_tokenizer(osp.join(staging, "tokenizer"))
+    tokenizer.save_pretrained(osp.join(staging, "model"))
+    build_tiny_llama(osp.join(staging, "model"), len(tokenizer), **model_overrides)
+    if force:
+        shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(osp.dirname(osp.abspath(root)), exist_ok=True)
+    try:
+        os.rename(staging, root)
+    except OSError:  # another process got there first: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
 
 
 def demo_dir(**model_overrides) -> str:
