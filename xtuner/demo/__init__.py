@@ -95,14 +95,21 @@ def tiny_llama_config(vocab_size: int, **overrides):
 
 
 def build_tiny_llama(save_dir: str, vocab_size: int, seed: int = 0, **overrides):
-    """Builds a random tiny Llama and saves it (safetensors, fp32)."""
+    """Builds a random tiny Llama and saves it in HF format (safetensors, fp32).
+
+    Written file by file rather than with ``save_pretrained``, which writes nothing on ranks
+    other than 0 of a distributed job, where each rank may need its own copy.
+    """
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size, **overrides))
     os.makedirs(save_dir, exist_ok=True)
-    model.save_pretrained(save_dir)
+    model.config.save_pretrained(save_dir)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, osp.join(save_dir, "model.safetensors"), metadata={"format": "pt"})
     return model
 
 
@@ -143,16 +150,35 @@ def demo_dir(**model_overrides) -> str:
     return osp.join(root, tag)
 
 
-def demo_llm(**model_overrides):
+#: ``from_pretrained`` arguments that an ``llm`` dict may carry besides the model's shape.
+LOAD_KWARGS = (
+    "attn_implementation",
+    "dtype",
+    "torch_dtype",
+    "trust_remote_code",
+    "quantization_config",
+    "low_cpu_mem_usage",
+    "config",
+)
+
+
+def demo_llm(**kwargs):
     """The demo's tiny Llama, built offline on first use; for ``llm=dict(type=demo_llm)``.
 
     Configs are parsed lazily by mmengine (nothing imported runs while the file is read), so
     the bundled demo config names this function instead of computing a path.
+
+    Args:
+        **kwargs: model shape overrides (``hidden_size``, ``num_hidden_layers``, ...) and
+            ``from_pretrained`` arguments (:data:`LOAD_KWARGS`).
     """
     from transformers import AutoModelForCausalLM
 
-    paths = prepare_demo(demo_dir(**model_overrides), **model_overrides)
-    return AutoModelForCausalLM.from_pretrained(paths["model"])
+    load = {k: kwargs.pop(k) for k in LOAD_KWARGS if k in kwargs}
+    if load.get("config") is None:
+        load.pop("config", None)
+    paths = prepare_demo(demo_dir(**kwargs), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(paths["model"], **load)
 
 
 def demo_tokenizer(**model_overrides):
