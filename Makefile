@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xtuner-installed
-# Tests run on 2 CPU cores; torch's own threads would only fight pytest's processes.
-export OMP_NUM_THREADS ?= 2
+# One thread per process: torchrun tests run 2 processes on 2 cores, and OpenMP threads
+# that outnumber free cores spin-wait (measured: 5 s instead of 0.16 s per demo iteration).
+export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
