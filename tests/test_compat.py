@@ -138,3 +138,25 @@ def test_amp_optim_wrapper_swapped_on_cpu():
     assert cfg.optim_wrapper.type == "OptimWrapper" and "dtype" not in cfg.optim_wrapper
     assert cfg.model.llm.attn_implementation == "sdpa"
     assert len(changes) == 2
+
+
+def test_train_loop_restarts_epochs_without_mmengines_sleep():
+    """mmengine's iterator sleeps 2 s at each epoch end; TrainLoop's does not."""
+    import time
+
+    from mmengine.runner.loops import _InfiniteDataloaderIterator
+    from torch.utils.data import DataLoader
+
+    from xtuner.engine.runner.loops import _EpochIterator
+
+    loader = DataLoader(list(range(2)), batch_size=2)
+    start = time.perf_counter()
+    ours = _EpochIterator(loader)
+    batches = [next(ours) for _ in range(4)]
+    assert time.perf_counter() - start < 1.0 and ours.epoch == 3
+    assert all(b.tolist() == [0, 1] for b in batches)
+    start = time.perf_counter()
+    theirs = _InfiniteDataloaderIterator(loader)
+    for _ in range(2):
+        next(theirs)
+    assert time.perf_counter() - start >= 2.0  # the sleep the fix avoids
