@@ -38,8 +38,11 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m xtuner.demo.run
 
+# The small points of each benchmark (minutes); benchmarks/README.md has the full grids.
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_loss.py --tokens 2048 --vocab 32768 --hidden 2048 --dtype fp32
+	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_data.py
 
 clean:
 	rm -rf $(VENV) work_dirs build *.egg-info
