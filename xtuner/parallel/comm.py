@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -30,7 +29,3 @@ def sp_all_reduce_sum(tensor: Tensor) -> Tensor:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def as_tensor(value, device) -> Tensor:
-    return torch.as_tensor(value, dtype=torch.float64, device=device)
