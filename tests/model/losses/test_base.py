@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from xtuner.model.losses import (
     BaseLoss,
@@ -220,39 +221,47 @@ def test_target_outside_the_vocabulary_is_a_clear_error():
 # -- memory ---------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise KeyError(field)
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of tensor storage made by the ops run under it (forward and backward).
+
+    Every op's outputs are recorded with a weak reference to their storage; a storage counts
+    until it is freed. This is exact and repeatable, unlike the resident set, whose counters
+    the kernel keeps per CPU and reports approximately (off by megabytes on some machines).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in self.live:
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
 
 
 @pytest.fixture
 def peak_probe():
-    """Measures the peak resident memory a function adds (on its second call), in MiB.
-
-    glibc is told to serve every allocation above 64 KiB with its own mapping, returned to
-    the system when freed, so the resident set follows the live tensors; the kernel's peak
-    (VmHWM) is reset before each run.
-    """
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("needs Linux /proc to reset the peak resident set")
-    libc = ctypes.CDLL("libc.so.6")
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    """Measures the peak tensor memory a function allocates (on its second call), in MiB."""
 
     def probe(fn) -> float:
-        fn()  # first calls allocate once for good (thread pools, lazy initialisation)
+        fn()  # first calls allocate once for good (lazy initialisation)
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kib("VmRSS")
-        fn()
-        return (_status_kib("VmHWM") - base) / 1024
+        tracker = LiveTensorPeak()
+        with tracker:
+            fn()
+        return tracker.peak / 2**20
 
-    yield probe
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    return probe
 
 
 def _loss_step(loss, tokens: int, vocab: int, dim: int, teacher_dim: int = 16):
