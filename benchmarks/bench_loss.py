@@ -38,6 +38,7 @@ import json
 import os
 import os.path as osp
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,24 +231,48 @@ def worker(args) -> dict:
     return result
 
 
+def _run_worker(args, method: str, tokens: int, vocab: int, dtype: str, ref_dir: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--ref-dir", ref_dir]
+    cmd += ["--tokens", str(tokens), "--vocab", str(vocab), "--hidden", str(args.hidden[0])]
+    cmd += ["--dtype", dtype]
+    if args.chunk_size is not None:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        row = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    else:
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row.update(method=method, tokens=tokens, vocab=vocab, hidden=args.hidden[0], dtype=dtype)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One row from repeated runs of a method: median times, their range, the largest peak."""
+    ok = [r for r in runs if "wall_s" in r]
+    if not ok:
+        return runs[0]
+    row = dict(ok[0])
+    for key in ("wall_s", "cpu_s"):
+        row[key] = statistics.median(r[key] for r in ok)
+    row["wall_range"] = (min(r["wall_s"] for r in ok), max(r["wall_s"] for r in ok))
+    row["extra_gib"] = max(r["extra_gib"] for r in ok)
+    row["load"] = statistics.mean(r["load"] for r in ok)
+    row["runs"] = len(ok)
+    return row
+
+
 def run_point(args, tokens: int, vocab: int, dtype: str, ref_dir: str) -> list[dict]:
-    """Every method at one grid point, each in a fresh subprocess, references first."""
-    rows = []
-    for method in args.methods:
-        cmd = [sys.executable, __file__, "--worker", method, "--ref-dir", ref_dir]
-        cmd += ["--tokens", str(tokens), "--vocab", str(vocab), "--hidden", str(args.hidden[0])]
-        cmd += ["--dtype", dtype]
-        if args.chunk_size is not None:
-            cmd += ["--chunk-size", str(args.chunk_size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            row = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}
-        else:
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row.update(method=method, tokens=tokens, vocab=vocab, hidden=args.hidden[0], dtype=dtype)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        rows.append(row)
-    return rows
+    """Every method at one grid point, each run in a fresh subprocess, references first.
+
+    With ``--repeat N`` the methods run in N interleaved rounds (so a change of load during
+    the benchmark falls on every method alike), and each row gives the median.
+    """
+    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
+    for _ in range(args.repeat):
+        for method in args.methods:
+            runs[method].append(_run_worker(args, method, tokens, vocab, dtype, ref_dir))
+    return [_merge(runs[method]) for method in args.methods]
 
 
 def markdown(rows: list[dict], chunk_size: int | None) -> str:
@@ -255,7 +280,7 @@ def markdown(rows: list[dict], chunk_size: int | None) -> str:
     head = (
         "| tokens x vocab x hidden, dtype | method | wall s | CPU s | wall / HF | CPU / HF "
         "| extra peak GiB | over grad-W floor GiB | load avg | vs | max rel err loss / dH / dW "
-        "| allclose 1e-5 |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| allclose 1e-5 | runs: wall range s |\n" + "|---" * 13 + "|\n"
     )
     lines = []
     hf = {}
@@ -266,7 +291,7 @@ def markdown(rows: list[dict], chunk_size: int | None) -> str:
         point = f"{r['tokens']} x {r['vocab']} x {r['hidden']}, {r['dtype']}"
         if "wall_s" not in r:
             note = r.get("skipped") or f"failed: {r.get('error')}"
-            lines.append(f"| {point} | {r['method']} | {note} |" + " |" * 10)
+            lines.append(f"| {point} | {r['method']} | {note} |" + " |" * 11)
             continue
         base = hf.get((r["tokens"], r["vocab"], r["dtype"]))
         rel_w = f"{r['wall_s'] / base['wall_s']:.2f}" if base else "-"
@@ -277,10 +302,13 @@ def markdown(rows: list[dict], chunk_size: int | None) -> str:
             if "vs" in r
             else "-"
         )
+        spread = "1"
+        if r.get("runs", 1) > 1:
+            spread = f"{r['runs']}: {r['wall_range'][0]:.1f}-{r['wall_range'][1]:.1f}"
         lines.append(
             f"| {point} | {r['method']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {rel_w} "
             f"| {rel_c} | {r['extra_gib']:.2f} | {r['extra_gib'] - floor:+.2f} | {r['load']:.1f} "
-            f"| {r.get('vs', '-')} | {errs} | {r.get('allclose_1e-5', '-')} |"
+            f"| {r.get('vs', '-')} | {errs} | {r.get('allclose_1e-5', '-')} | {spread} |"
         )
     chunk = "default (1024)" if chunk_size is None else chunk_size
     return f"chunk_size: {chunk}\n\n" + head + "\n".join(lines) + "\n"
@@ -294,6 +322,9 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--chunk-size", type=int, default=None, help="default: the loss's own")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every method; rows give medians"
+    )
     parser.add_argument("--out", default=None, help="append the Markdown table to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ref-dir", default=None, help=argparse.SUPPRESS)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from xtuner.utils.constants import IGNORE_INDEX
 
-from .functional import scratch_pool
+from .functional import linear_into, logits_view, scratch_pool, vocab_major
 
 REDUCTIONS = ("token", "sample", "square")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -425,24 +425,21 @@ def _chunk_pass(
     n_correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # The logits of every chunk go to the same buffer(s): fresh [chunk x V] allocations
     # cost page faults on CPU. Half-precision heads also get a float32 copy.
-    rows = min(step, max(n, 1))
-    buffer = weight.new_empty(rows, weight.shape[0])
+    rows, vocab = min(step, max(n, 1)), weight.shape[0]
+    major = vocab_major(weight.device)
+    buffer = weight.new_empty(rows * vocab)
     compute_dtype = torch.promote_types(weight.dtype, torch.float32)
-    upcast = (
-        buffer.new_empty(buffer.shape, dtype=compute_dtype)
-        if buffer.dtype != compute_dtype
-        else None
-    )
+    upcast = None
+    if buffer.dtype != compute_dtype:
+        upcast = buffer.new_empty(buffer.shape, dtype=compute_dtype)
     with scratch_pool():
         # One (possibly empty) chunk even without tokens, so the term names are known.
         for start in range(0, max(n, 1), step):
             end = min(start + step, n)
             h = hidden[start:end].to(weight.dtype)
-            logits = torch.mm(h, weight.t(), out=buffer[: end - start])
-            if bias is not None:
-                logits.add_(bias)
+            logits = linear_into(h, weight, bias, logits_view(buffer, end - start, vocab, major))
             if upcast is not None:
-                logits = upcast[: end - start].copy_(logits)
+                logits = logits_view(upcast, end - start, vocab, major).copy_(logits)
             y = targets[start:end]
             # Correct when the target's logit is the row's maximum (cheaper than argmax).
             n_correct += (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).sum()

@@ -14,7 +14,7 @@ from xtuner.registry import BUILDER, LOSSES
 
 from .base import LossInputError, TokenLoss
 from .cross_entropy import cross_entropy_and_grad_
-from .functional import log_softmax_, row_dot, scratch
+from .functional import kl_rows, linear_into, log_softmax_, row_dot, scratch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -93,7 +93,7 @@ class KDLoss(TokenLoss):
 
     @property
     def logit_rows(self) -> int:  # type: ignore[override]
-        rows = {"forward_kl": 3, "reverse_kl": 2, "jsd": 4}[self.divergence]
+        rows = {"forward_kl": 2, "reverse_kl": 2, "jsd": 4}[self.divergence]
         return rows + (1 if self.ce_weight else 0)
 
     @property
@@ -147,8 +147,7 @@ class KDLoss(TokenLoss):
         hidden = hidden.to(head.weight.dtype)
         if head.weight.dtype != like.dtype:
             return out.copy_(F.linear(hidden, head.weight, head.bias))
-        torch.mm(hidden, head.weight.t(), out=out)
-        return out if head.bias is None else out.add_(head.bias)
+        return linear_into(hidden, head.weight, head.bias, out)
 
     def loss_and_grad(self, logits, targets, extras, weights):
         values, ce_grad = {}, None
@@ -166,9 +165,8 @@ class KDLoss(TokenLoss):
         log_softmax_(teacher)
         # Each branch leaves D in `div` and dD/d(z/T) in the student's buffer.
         if self.divergence == "forward_kl":
-            teacher_p = torch.exp(teacher, out=scratch("kd.teacher_p", teacher))
-            div = row_dot(teacher_p, teacher) - row_dot(teacher_p, student)
-            grad = student.exp_().sub_(teacher_p)
+            div = kl_rows(teacher, student)
+            grad = student.exp_().sub_(teacher.exp_())
         elif self.divergence == "reverse_kl":
             diff = teacher.sub_(student).neg_()  # log P - log Q
             student_p = student.exp_()
