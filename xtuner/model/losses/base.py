@@ -279,6 +279,12 @@ class TokenLoss(BaseLoss):
         denominator, :attr:`weight_key`)."""
         return self.weight_key
 
+    @property
+    def fusable(self) -> bool:
+        """Whether a composite may run this loss in one chunked pass with other token losses
+        (through :meth:`loss_and_grad`); not when it overrides :meth:`forward`."""
+        return type(self).forward is TokenLoss.forward
+
     def tokens_per_chunk(self, n_tokens: int) -> int:
         """How many tokens' logits one chunk holds."""
         if not self.chunk_size:

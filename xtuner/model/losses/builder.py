@@ -235,7 +235,7 @@ def _dedupe_names(losses: list[BaseLoss]) -> None:
 
 
 def _fusable(loss: BaseLoss) -> bool:
-    return isinstance(loss, TokenLoss) and type(loss).forward is TokenLoss.forward
+    return isinstance(loss, TokenLoss) and loss.fusable
 
 
 def _fusion_plan(losses: list[BaseLoss], factors: list[float]) -> list[tuple[BaseLoss, float]]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from xtuner.registry import LOSSES
 
-from .base import TokenLoss, WeightSpec
+from .backends import BACKENDS, fused_cross_entropy_sum, resolve_backend
+from .base import LossContext, LossOutput, TokenLoss, WeightSpec, check_targets
 from .functional import softmax_, target_grad_
 
 #: how the data produces the per-token ``loss_weight`` batch field (for error messages).
@@ -59,6 +61,11 @@ class CrossEntropyLoss(TokenLoss):
             each token's weight is multiplied by its target's class weight, in the loss and
             in the denominator. Unlike PyTorch, with label smoothing the target's class
             weight scales the whole smoothed loss of the token.
+        backend: ``'chunked'`` (this fork's chunked path, every device), ``'liger'`` (Liger
+            Kernel), ``'cce'`` (Cut Cross-Entropy) or ``'auto'`` (liger or cce when installed
+            and the batch is on a GPU, else chunked); see
+            :mod:`xtuner.model.losses.backends`. The kernels do not report accuracy.
+        backend_options: keyword arguments for the kernel function of liger or cce.
         **kwargs: ``reduction``, ``ignore_index``, ``chunk_size``, ``name``, ``nonfinite``
             (:class:`~xtuner.model.losses.base.TokenLoss`).
     """
@@ -70,9 +77,15 @@ class CrossEntropyLoss(TokenLoss):
         self,
         label_smoothing: float = 0.0,
         class_weight: Sequence[float] | Tensor | None = None,
+        backend: str = "chunked",
+        backend_options: dict[str, Any] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"{type(self).__name__}: backend={backend!r} is not one of {BACKENDS}")
+        self.backend = backend
+        self.backend_options = dict(backend_options or {})
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(
                 f"{type(self).__name__}: label_smoothing must be in [0, 1), got {label_smoothing}"
@@ -99,6 +112,35 @@ class CrossEntropyLoss(TokenLoss):
         # Class weights are in the token weights already (scale_token_weights).
         loss, grad = cross_entropy_and_grad_(logits, targets, weights, self.label_smoothing)
         return {self.name: loss}, grad
+
+    @property
+    def fusable(self) -> bool:
+        return self.backend == "chunked"
+
+    def forward(self, ctx: LossContext) -> LossOutput:
+        has_bias = ctx.head_bias is not None
+        backend = resolve_backend(self.backend, ctx.hidden_states, has_bias, self.label_smoothing)
+        if backend == "chunked":
+            return super().forward(ctx)
+        tok_w = ctx.weights[self.token_weight_key]
+        valid = tok_w != 0
+        targets = ctx.labels[valid]
+        check_targets(targets, ctx.head_weight.shape[0], type(self).__name__)
+        total = fused_cross_entropy_sum(
+            backend,
+            ctx.hidden_states[valid],
+            ctx.head_weight,
+            ctx.head_bias,
+            targets,
+            tok_w[valid],
+            self.label_smoothing,
+            self.backend_options,
+        )
+        return self.make_output(ctx, {self.name: total})
+
+    def extra_repr(self) -> str:
+        backend = "" if self.backend == "chunked" else f", backend={self.backend!r}"
+        return super().extra_repr() + backend
 
 
 @LOSSES.register_module()

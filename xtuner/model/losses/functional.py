@@ -89,8 +89,9 @@ def _block_sums(x: Tensor, block: Callable[[slice, Tensor, Tensor], Tensor]) -> 
     """``sum_v block(columns, t1, t2)[i, v]`` for each row of ``x`` ``[n, V]``.
 
     Columns are taken a block at a time, so temporaries stay under 2 x 8 MiB, and under a
-    quarter of ``x`` for small chunks, in either layout. ``block`` gets the column slice and two scratch blocks of its width, and returns
-    the block to sum (usually one of them, written in place).
+    quarter of ``x`` for small chunks, in either layout. ``block`` gets the column slice
+    and two scratch blocks of its width, and returns the block to sum (usually one of them,
+    written in place).
     """
     n, vocab = x.shape
     cols = min(max(1, BLOCK_BYTES // max(1, n * x.element_size())), max(1, -(-vocab // 8)))
