@@ -18,6 +18,15 @@ Methods:
 * ``kd``: :class:`KDLoss` (forward KL, T=1) given the teacher's hidden states and head;
   ``kd_ref`` is the same on full student and teacher logits with autograd (its reference:
   both do 4 matmuls of ``N x V x D``).
+* ``ce_liger``/``ce_cce``: ``CrossEntropyLoss(backend='liger'|'cce')``, the fused kernels
+  of Liger Kernel and Cut Cross-Entropy (``--device cuda`` with the package installed;
+  skipped with a note otherwise).
+
+``--device cuda``: inputs are made on the CPU with the same seed and moved; each method runs
+once untimed first (Triton compilation and autotuning, cuBLAS workspaces), then once timed
+between ``torch.cuda.synchronize()`` calls; memory is ``torch.cuda.max_memory_allocated()``
+above what was allocated before the timed run. On the CPU the single run is cold, as in the
+published tables.
 
 Memory: the worker allocates its inputs, reads ``VmRSS``, resets the kernel's peak-RSS
 counter (``echo 5 > /proc/self/clear_refs`` sets ``VmHWM`` to the current RSS), runs forward
@@ -59,6 +68,8 @@ METHODS = (
     "dft",
     "kd_ref",
     "kd",
+    "ce_liger",
+    "ce_cce",
 )
 #: the method whose loss and gradients each method must reproduce.
 REFERENCE = {
@@ -68,6 +79,8 @@ REFERENCE = {
     "focal": "focal_ref",
     "dft": "dft_ref",
     "kd": "kd_ref",
+    "ce_liger": "hf",
+    "ce_cce": "hf",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 GIB = 1 << 30
@@ -86,16 +99,18 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def make_inputs(tokens: int, vocab: int, hidden: int, dtype, teacher: bool, seed: int = 0):
+def make_inputs(
+    tokens: int, vocab: int, hidden: int, dtype, teacher: bool, seed: int = 0, device="cpu"
+):
     """Seeded inputs: hidden ``[N, D]``, head ``[V, D]`` (both with grad), targets ``[N]``."""
     gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(tokens, hidden, generator=gen).to(dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(dtype).requires_grad_()
-    y = torch.randint(0, vocab, (tokens,), generator=gen)
+    h = torch.randn(tokens, hidden, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+    y = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
     t_h = t_w = None
     if teacher:
-        t_h = torch.randn(tokens, hidden, generator=gen).to(dtype)
-        t_w = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(dtype)
+        t_h = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+        t_w = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(device, dtype)
     return h, w, y, t_h, t_w
 
 
@@ -135,6 +150,13 @@ def build_method(name: str, h, w, y, t_h, t_w, chunk_size: int | None):
             return None
         opts = nn.LinearCrossEntropyOptions()
         return lambda: F.linear_cross_entropy(h, w, y, options=opts)
+    if name in ("ce_liger", "ce_cce"):
+        backend = name[3:]
+        from xtuner.model.losses.backends import KERNELS, _module
+
+        if not h.is_cuda or _module(backend) is None:
+            return f"needs --device cuda and the package {KERNELS[backend][2]}"
+        return ours(L.CrossEntropyLoss(backend=backend))
     if name == "focal":
         return ours(L.FocalLoss(gamma=2.0, **chunk))
     if name == "focal_ref":
@@ -199,27 +221,43 @@ def worker(args) -> dict:
 
     dtype = getattr(torch, DTYPES[args.dtype])
     teacher = args.worker.startswith("kd")
-    h, w, y, t_h, t_w = make_inputs(args.tokens, args.vocab, args.hidden, dtype, teacher)
+    cuda = args.device == "cuda"
+    h, w, y, t_h, t_w = make_inputs(
+        args.tokens, args.vocab, args.hidden, dtype, teacher, device=args.device
+    )
     fn = build_method(args.worker, h, w, y, t_h, t_w, args.chunk_size)
     if fn is None:
         return {"skipped": "torch.nn.functional.linear_cross_entropy is not in this torch"}
+    if isinstance(fn, str):
+        return {"skipped": fn}
+    if cuda:  # warm-up: compilation, autotuning and workspaces are not what we measure
+        fn().backward()
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
     gc.collect()
-    base_kib = _status_kib("VmRSS")
-    _reset_peak()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _status_kib("VmRSS") << 10
+        _reset_peak()
     wall, cpu = time.perf_counter(), time.process_time()
     loss = fn()
     loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak_kib = _status_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") << 10
     result = {
         "wall_s": wall,
         "cpu_s": cpu,
-        "extra_gib": (peak_kib - base_kib) / (1 << 20),
+        "extra_gib": (peak - base) / GIB,
         "loss": float(loss),
         "threads": torch.get_num_threads(),
         "load": os.getloadavg()[0],
     }
-    mine = {"loss": loss.detach(), "grad_h": h.grad, "grad_w": w.grad}
+    mine = {"loss": loss.detach().cpu(), "grad_h": h.grad.cpu(), "grad_w": w.grad.cpu()}
     path = osp.join(args.ref_dir, f"{args.worker}.pt")
     if args.worker in REFERENCE.values():
         torch.save(mine, path)
@@ -234,7 +272,7 @@ def worker(args) -> dict:
 def _run_worker(args, method: str, tokens: int, vocab: int, dtype: str, ref_dir: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--ref-dir", ref_dir]
     cmd += ["--tokens", str(tokens), "--vocab", str(vocab), "--hidden", str(args.hidden[0])]
-    cmd += ["--dtype", dtype]
+    cmd += ["--dtype", dtype, "--device", args.device]
     if args.chunk_size is not None:
         cmd += ["--chunk-size", str(args.chunk_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -322,6 +360,7 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--chunk-size", type=int, default=None, help="default: the loss's own")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of every method; rows give medians"
     )
@@ -355,6 +394,8 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()}"
     )
+    if args.device == "cuda":
+        env += f", {torch.cuda.get_device_name()}"
     cmd = "python benchmarks/bench_loss.py " + " ".join(sys.argv[1:])
     text = f"`{cmd}`\n\n{env}\n\n{markdown(rows, args.chunk_size)}"
     print(text)
