@@ -52,15 +52,20 @@ def read_chats(run_dir: str) -> dict[str, list[str]]:
     return chats
 
 
-def answer_with_saved_model(hf_dir: str, prompt: str) -> str:
+def answer_with_saved_model(hf_dir: str, prompt: str, stop_words: list[str]) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    vocab = tokenizer.get_vocab()
+    # Stop at the template's end-of-turn token, as the chat hook does during training.
+    stops = [vocab[word] for word in stop_words if word in vocab]
+    if tokenizer.eos_token_id is not None:
+        stops.append(tokenizer.eos_token_id)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stops)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
         template = PROMPT_TEMPLATE.qwen_chat
         prompt = template.INSTRUCTION.format(input="Write the word in capitals.\ngarden", round=1)
-        answer = answer_with_saved_model(hf_dir, prompt)
+        answer = answer_with_saved_model(hf_dir, prompt, template.STOP_WORDS)
         print(f"saved HF model ({hf_dir}) loaded with from_pretrained; it answers: {answer!r}")
     print(f"logs and checkpoints: {os.path.abspath(run_dir)}")
     return 0
