@@ -152,9 +152,9 @@ def build_method(name: str, h, w, y, t_h, t_w, chunk_size: int | None):
         return lambda: F.linear_cross_entropy(h, w, y, options=opts)
     if name in ("ce_liger", "ce_cce"):
         backend = name[3:]
-        from xtuner.model.losses.backends import KERNELS, _module
+        from xtuner.model.losses.backends import KERNELS, kernel
 
-        if not h.is_cuda or _module(backend) is None:
+        if not h.is_cuda or kernel(backend) is None:
             return f"needs --device cuda and the package {KERNELS[backend][2]}"
         return ours(L.CrossEntropyLoss(backend=backend))
     if name == "focal":

@@ -15,7 +15,7 @@ for ``reduction='none'`` and sums ``w_t * l_t`` itself.
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,9 +35,11 @@ KERNELS = {
 }
 
 
-def _module(backend: str) -> ModuleType | None:
+def kernel(backend: str) -> Callable[..., Tensor] | None:
+    """The kernel function of ``'liger'`` or ``'cce'``; None when its package is missing."""
+    module, fn_name, _ = KERNELS[backend]
     try:
-        return importlib.import_module(KERNELS[backend][0])
+        return getattr(importlib.import_module(module), fn_name)
     except ImportError:
         return None
 
@@ -69,11 +71,11 @@ def resolve_backend(backend: str, hidden: Tensor, has_bias: bool, label_smoothin
         if not kernel_device_ok(hidden):
             return "chunked"
         for name in ("liger", "cce"):
-            if _unsupported(name, has_bias, label_smoothing) is None and _module(name):
+            if _unsupported(name, has_bias, label_smoothing) is None and kernel(name):
                 return name
         return "chunked"
     module, _, package = KERNELS[backend]
-    if _module(backend) is None:
+    if kernel(backend) is None:
         raise ImportError(
             f"CrossEntropyLoss(backend={backend!r}) needs the package '{package}' (module "
             f"{module}): pip install {package}; or use backend='chunked' (the default) or 'auto'"
@@ -111,8 +113,7 @@ def fused_cross_entropy_sum(
         options: extra keyword arguments for the kernel function (e.g. ``accum_dtype`` for
             liger, ``filter_eps`` for cce, whose default here is None: exact gradients).
     """
-    module_name, fn_name, _ = KERNELS[backend]
-    fn = getattr(importlib.import_module(module_name), fn_name)
+    fn = kernel(backend)
     unweighted = bool((token_weights == 1).all())
     reduction = "sum" if unweighted else "none"
     kwargs = dict(options or {})

@@ -337,12 +337,16 @@ class TokenLoss(BaseLoss):
             grad = torch.zeros_like(logits)
         return {key: value.detach() for key, value in out.items()}, grad
 
-    def forward(self, ctx: LossContext) -> LossOutput:
+    def valid_tokens(
+        self, ctx: LossContext
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], Tensor]:
+        """The tokens this loss weighs: ``(hidden [n, D], targets [n], weights [n], extras,
+        valid mask [B, S])``, with targets checked against the head and the weights in the
+        compute dtype. Views, not copies, when every position counts."""
         tok_w = ctx.weights[self.token_weight_key]
         valid = tok_w != 0
         dim = ctx.hidden_states.shape[-1]
         if bool(valid.all()):
-            # Every position counts: views, no copies.
             hidden = ctx.hidden_states.reshape(-1, dim)
             targets, tok_w = ctx.labels.reshape(-1), tok_w.reshape(-1)
             extras = {k: v.reshape(-1, *v.shape[2:]) for k, v in ctx.extras.items()}
@@ -351,6 +355,10 @@ class TokenLoss(BaseLoss):
             extras = {k: v[valid] for k, v in ctx.extras.items()}
         check_targets(targets, ctx.head_weight.shape[0], type(self).__name__)
         tok_w = tok_w.to(torch.promote_types(ctx.head_weight.dtype, torch.float32))
+        return hidden, targets, tok_w, extras, valid
+
+    def forward(self, ctx: LossContext) -> LossOutput:
+        hidden, targets, tok_w, extras, valid = self.valid_tokens(ctx)
         sums, n_correct = chunked_token_loss(
             self, hidden, ctx.head_weight, ctx.head_bias, targets, tok_w, extras
         )

@@ -12,7 +12,7 @@ from torch import Tensor
 from xtuner.registry import LOSSES
 
 from .backends import BACKENDS, fused_cross_entropy_sum, resolve_backend
-from .base import LossContext, LossOutput, TokenLoss, WeightSpec, check_targets
+from .base import LossContext, LossOutput, TokenLoss, WeightSpec
 from .functional import softmax_, target_grad_
 
 #: how the data produces the per-token ``loss_weight`` batch field (for error messages).
@@ -122,17 +122,14 @@ class CrossEntropyLoss(TokenLoss):
         backend = resolve_backend(self.backend, ctx.hidden_states, has_bias, self.label_smoothing)
         if backend == "chunked":
             return super().forward(ctx)
-        tok_w = ctx.weights[self.token_weight_key]
-        valid = tok_w != 0
-        targets = ctx.labels[valid]
-        check_targets(targets, ctx.head_weight.shape[0], type(self).__name__)
+        hidden, targets, tok_w, _, _ = self.valid_tokens(ctx)
         total = fused_cross_entropy_sum(
             backend,
-            ctx.hidden_states[valid],
+            hidden,
             ctx.head_weight,
             ctx.head_bias,
             targets,
-            tok_w[valid],
+            tok_w,
             self.label_smoothing,
             self.backend_options,
         )
