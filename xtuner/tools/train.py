@@ -99,7 +99,11 @@ def _use_deepspeed(cfg, name_or_path: str) -> None:
         fp16=ds.get("fp16"),
         bf16=ds.get("bf16"),
     )
-    cfg.optim_wrapper = dict(type="DeepSpeedOptimWrapper", optimizer=cfg.optim_wrapper.optimizer)
+    import xtuner.engine.optim  # noqa: F401  (registers DeepSpeedGradNormOptimWrapper)
+
+    cfg.optim_wrapper = dict(
+        type="DeepSpeedGradNormOptimWrapper", optimizer=cfg.optim_wrapper.optimizer
+    )
     cfg.runner_type = "FlexibleRunner"
 
 
