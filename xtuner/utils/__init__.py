@@ -6,7 +6,7 @@ from .constants import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
 )
-from .templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
+from .templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE, get_template
 
 __all__ = [
     "IGNORE_INDEX",
@@ -15,4 +15,5 @@ __all__ = [
     "DEFAULT_IMAGE_TOKEN",
     "PROMPT_TEMPLATE",
     "SYSTEM_TEMPLATE",
+    "get_template",
 ]
