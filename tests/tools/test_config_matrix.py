@@ -232,6 +232,13 @@ def test_diagonal_covers_every_pair():
         assert seen == set(itertools.product(axes[i], axes[j])), (i, j)
 
 
-@pytest.mark.slow
-def test_qlora_8bit_trains(tmp_path, matrix_assets):
-    run_corner(tmp_path, matrix_assets, "qlora8", "sft", "1proc", "default")
+@pytest.mark.parametrize(
+    "launch",
+    [
+        pytest.param("1proc", marks=pytest.mark.slow),
+        pytest.param("2proc", marks=[pytest.mark.slow_all, pytest.mark.multiproc]),
+        pytest.param("2proc_zero2", marks=[pytest.mark.slow_all, pytest.mark.multiproc]),
+    ],
+)
+def test_qlora_8bit_trains(tmp_path, matrix_assets, launch):
+    run_corner(tmp_path, matrix_assets, "qlora8", "sft", launch, "custom_imports")
