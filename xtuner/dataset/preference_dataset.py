@@ -83,7 +83,9 @@ def load_jsonl_dataset(
                     raise ValueError(
                         f"{path}:{line_no}: invalid JSON ({e.msg}); fix or remove that line"
                     ) from e
-        parts.append(HFDataset.from_list(records))
+        # Every record gets every key (HF takes the columns from the first record only).
+        keys = list(dict.fromkeys(k for record in records for k in record))
+        parts.append(HFDataset.from_list([{k: r.get(k) for k in keys} for r in records]))
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
