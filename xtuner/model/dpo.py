@@ -15,8 +15,8 @@ from .losses import LossConfigError
 from .losses.preference import (
     DPO_LOSS_TYPES,
     REF_FIELD,
+    answer_index,
     preference_losses,
-    sequence_index,
     sequence_logps,
 )
 from .preference import PreferenceFinetune
@@ -173,13 +173,11 @@ class DPO(PreferenceFinetune):
         """The reference's summed target log-probability of every sequence of the batch."""
         inputs = self._attention_inputs(data)
         labels = shift_labels(data["labels"], inputs["position_ids"])
-        seq, n_seqs = sequence_index(inputs["position_ids"], labels.shape)
+        seq, n_seqs = answer_index(labels)
         chunk = max(p.chunk_size for p in preference_losses(self.loss))
         with self.reference() as (backbone, head):
             hidden = backbone(**inputs, use_cache=False).last_hidden_state
-            sums, _, _ = sequence_logps(
-                hidden, head.weight, head.bias, labels, seq.to(labels.device), n_seqs, chunk
-            )
+            sums, _, _ = sequence_logps(hidden, head.weight, head.bias, labels, seq, n_seqs, chunk)
         return sums.detach()
 
     def compute_loss(self, data: dict) -> dict[str, Tensor]:

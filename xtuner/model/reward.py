@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from xtuner.registry import BUILDER
 
-from .losses.preference import REWARD_LOSS_TYPES, preference_weights, sequence_index
+from .losses import compute_weights
+from .losses.preference import REWARD_LOSS_TYPES
 from .preference import PreferenceFinetune
 
 
@@ -79,8 +80,7 @@ class RewardModel(PreferenceFinetune):
     def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # The score is read at the reward token itself: the labels are not shifted.
         labels = data["labels"]
-        seq, n_seqs = sequence_index(position_ids, labels.shape)
-        return labels, preference_weights(labels, seq.to(labels.device), n_seqs)
+        return labels, compute_weights(self.loss.weight_specs(), labels, position_ids)
 
     def forward(self, data: dict, data_samples=None, mode: str = "loss"):
         if mode in ("predict", "tensor"):

@@ -14,13 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xtuner.model.losses import LossContext, build_loss, finalize_loss
+from xtuner.model.losses import LossContext, build_loss, compute_weights, finalize_loss
 from xtuner.model.losses.base import LossInputError
 from xtuner.model.losses.preference import (
     DPO_LOSS_TYPES,
+    answer_index,
     chunked_target_logps,
-    preference_weights,
-    sequence_index,
 )
 
 IGNORE = -100
@@ -65,8 +64,7 @@ def make_batch(layout: str, vocab: int = 11, dim: int = 5, seed: int = 0, pairs:
 def run_loss(loss, hidden, weight, labels, position_ids, ref, extra_batch=None):
     batch = {"labels": labels, "position_ids": position_ids, "ref_logps": ref}
     batch.update(extra_batch or {})
-    seq, n = sequence_index(position_ids, labels.shape)
-    weights = preference_weights(labels, seq, n)
+    weights = compute_weights(loss.weight_specs(), labels, position_ids)
     extras = loss.extra_inputs(batch, labels)
     ctx = LossContext(hidden, weight, None, labels, weights, extras, batch)
     out = finalize_loss(loss(ctx), weights)
@@ -78,7 +76,7 @@ def run_loss(loss, hidden, weight, labels, position_ids, ref, extra_batch=None):
 def naive_stats(hidden, weight, labels, position_ids):
     """Per-sequence summed log-probs and token counts from full logits."""
     logp = torch.log_softmax(hidden @ weight.T, -1)
-    seq, n = sequence_index(position_ids, labels.shape)
+    seq, n = answer_index(labels)
     sums = torch.zeros(n, dtype=logp.dtype)
     counts = torch.zeros(n, dtype=logp.dtype)
     for b in range(labels.shape[0]):
@@ -306,7 +304,7 @@ def test_missing_reference_and_odd_sequences_are_refused_with_a_clear_message():
     with pytest.raises(LossInputError, match="reference model's log-probabilities"):
         run_loss(build_loss(dict(type="DPOLoss")), hidden, weight, labels, pos, None)
     loss = build_loss(dict(type="SimPOLoss"))
-    with pytest.raises(LossInputError, match="5 sequences"):
+    with pytest.raises(LossInputError, match="5 answers"):
         run_loss(loss, hidden[:5], weight, labels[:5], pos[:5], None)
     with pytest.raises(ValueError, match="label_smoothing"):
         build_loss(dict(type="DPOLoss", label_smoothing=0.5))

@@ -12,29 +12,35 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from xtuner.model.losses.preference import sequence_index
+from xtuner.model.losses.base import sample_ids_from_positions
+from xtuner.model.losses.preference import answer_index
 
 #: bump when what a cached value means changes.
 _VERSION = "1"
 
 
 def sequence_digests(data: dict) -> list[bytes]:
-    """A digest of each sequence of a batch (its tokens and labels), in sequence order.
+    """A digest of each answer's whole sequence (prompt and answer tokens, labels), in the
+    order of :func:`~xtuner.model.losses.preference.answer_index`.
 
     Packing and batching change from run to run; a sequence's tokens do not, so the
     reference value of a sequence is found whatever batch it lands in.
     """
+    from xtuner.model.sft import shift_labels
+
     ids, labels = data["input_ids"].cpu(), data["labels"].cpu()
-    position_ids = data.get("position_ids")
-    position_ids = None if position_ids is None else position_ids.cpu()
-    seq, n_seqs = sequence_index(position_ids, labels.shape)
+    positions = data.get("position_ids")
+    positions = torch.arange(ids.shape[1]).expand_as(ids) if positions is None else positions.cpu()
+    runs, n_runs = answer_index(shift_labels(labels, positions))
+    docs = sample_ids_from_positions(positions.expand_as(ids))
     mask = data.get("attention_mask")
     keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.cpu().bool()
     digests = []
-    for i in range(n_seqs):
-        where = (seq == i) & keep
-        token_bytes = ids[where].to(torch.int64).numpy().tobytes()
-        label_bytes = labels[where].to(torch.int64).numpy().tobytes()
+    for k in range(n_runs):
+        row, col = (runs == k).nonzero()[0].tolist()
+        where = keep[row] & (docs[row] == docs[row, col])
+        token_bytes = ids[row][where].to(torch.int64).numpy().tobytes()
+        label_bytes = labels[row][where].to(torch.int64).numpy().tobytes()
         digests.append(hashlib.blake2b(token_bytes + b"|" + label_bytes, digest_size=16).digest())
     return digests
 

@@ -41,7 +41,15 @@ from xtuner.parallel.sequence import get_sequence_parallel_world_size
 from xtuner.registry import LOSSES
 from xtuner.utils.constants import IGNORE_INDEX
 
-from .base import BaseLoss, LossContext, LossInputError, LossOutput, LossTerm, check_targets
+from .base import (
+    BaseLoss,
+    LossContext,
+    LossInputError,
+    LossOutput,
+    LossTerm,
+    WeightSpec,
+    check_targets,
+)
 from .functional import softmax_, target_grad_
 
 #: the weight keys of preference terms (per-token markers made by the model).
@@ -129,49 +137,59 @@ def chunked_target_logps(
 
 
 # sequences of a batch ------------------------------------------------------------------------
-def sequence_index(position_ids: Tensor | None, shape: torch.Size | tuple) -> tuple[Tensor, int]:
-    """The sequence each token belongs to, numbered row-major over the batch.
+def answer_index(labels: Tensor) -> tuple[Tensor, int]:
+    """The answer each target token belongs to: answers are the runs of targets.
 
-    A row is one sequence when its positions never restart, or several packed documents
-    (a new one wherever the position is 0).
-
-    Returns:
-        (``[B, S]`` long sequence ids, the number of sequences).
-    """
-    batch, length = shape[0], shape[1]
-    if position_ids is None:
-        local = torch.zeros(batch, length, dtype=torch.long)
-    else:
-        position_ids = position_ids.expand(batch, length)
-        starts = position_ids == 0
-        starts[:, 0] = True
-        local = torch.cumsum(starts.long(), dim=-1) - 1
-    per_row = local[:, -1] + 1
-    offsets = torch.cumsum(per_row, 0) - per_row
-    return local + offsets[:, None].to(local.device), int(per_row.sum())
-
-
-def preference_weights(labels: Tensor, seq: Tensor, n_seqs: int) -> dict[str, Tensor]:
-    """Per-token markers whose sums count pairs, sequences and chosen target tokens.
+    Preference data labels only the answer of each sequence, and the shift leaves no target
+    on the last token of a packed document, so every sequence (a row, or a document of a
+    packed row) holds exactly one run of consecutive targets: run ``k`` is sequence ``k``,
+    numbered row-major; even runs are chosen answers, odd ones rejected.
 
     Args:
-        labels: ``[B, S]`` (shifted) targets; ``IGNORE_INDEX`` where there is none.
-        seq: ``[B, S]`` sequence ids (:func:`sequence_index`).
-        n_seqs: the number of sequences.
+        labels: ``[B, S]`` targets of the whole batch (before any sequence-parallel split).
 
     Returns:
-        ``{'pairs', 'sequences', 'chosen_tokens'}`` -> ``[B, S]`` float markers: 1 at the
-        first token of each chosen sequence / of each sequence, and at each target token
-        of a chosen sequence.
+        (``[B, S]`` long run ids, -1 where there is no target; the number of runs).
     """
-    first = torch.ones_like(seq, dtype=torch.bool)
-    first[:, 1:] = seq[:, 1:] != seq[:, :-1]
-    chosen = seq % 2 == 0
-    return {
-        PAIRS: (first & chosen).float(),
-        SEQUENCES: first.float(),
-        CHOSEN_TOKENS: ((labels != IGNORE_INDEX) & chosen).float(),
-    }
+    valid = labels != IGNORE_INDEX
+    starts = valid.clone()
+    starts[:, 1:] &= ~valid[:, :-1]
+    run = torch.cumsum(starts.reshape(-1).long(), 0).reshape(labels.shape) - 1
+    return torch.where(valid, run, torch.full_like(run, -1)), int(starts.sum())
+
+
+def _run_starts(labels: Tensor, weights: Tensor) -> Tensor:
+    run, _ = answer_index(labels)
+    first = run >= 0
+    first[:, 1:] &= run[:, 1:] != run[:, :-1]
+    return first
+
+
+def pair_markers(labels: Tensor, weights: Tensor) -> Tensor:
+    """1 at the first target of each chosen answer: the markers sum to the pair count."""
+    run, _ = answer_index(labels)
+    return (_run_starts(labels, weights) & (run % 2 == 0)).to(weights)
+
+
+def sequence_markers(labels: Tensor, weights: Tensor) -> Tensor:
+    """1 at the first target of each answer: the markers sum to the sequence count."""
+    return _run_starts(labels, weights).to(weights)
+
+
+def chosen_token_markers(labels: Tensor, weights: Tensor) -> Tensor:
+    """1 at each target of a chosen answer."""
+    run, _ = answer_index(labels)
+    return ((run >= 0) & (run % 2 == 0)).to(weights)
+
+
+#: how the markers whose sums normalise preference terms are made (per-token weights, so
+#: they are split with the labels under sequence parallel and summed over accumulation
+#: windows and ranks like token counts).
+PREFERENCE_WEIGHTS = {
+    PAIRS: WeightSpec("token", scale=pair_markers, use_loss_weight=False),
+    SEQUENCES: WeightSpec("token", scale=sequence_markers, use_loss_weight=False),
+    CHOSEN_TOKENS: WeightSpec("token", scale=chosen_token_markers, use_loss_weight=False),
+}
 
 
 def sequence_logps(
@@ -184,6 +202,9 @@ def sequence_logps(
     chunk_size: int = 1024,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Summed target log-probabilities per sequence, for this shard's tokens.
+
+    Args:
+        seq: ``[B, S]`` sequence ids of the tokens (:func:`answer_index`).
 
     Returns:
         (``[n_seqs]`` sums of log-probs, ``[n_seqs]`` target-token counts, ``[n]`` the
@@ -271,16 +292,20 @@ class PreferenceLoss(BaseLoss):
     def weight_key(self) -> str:
         return PAIRS
 
-    def weight_specs(self) -> dict:
-        # The pair/sequence/token markers come from the preference model, not from a spec.
-        return {}
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return dict(PREFERENCE_WEIGHTS)
 
     @property
     def seq_key(self) -> str:
         return f"{self.name}.seq"
 
+    @property
+    def count_key(self) -> str:
+        return f"{self.name}.n_seqs"
+
     def extra_inputs(self, batch: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
-        """The sequence id of every token (split like the labels under sequence parallel)."""
+        """The sequence id of every token and the batch's sequence count (both split like
+        the labels under sequence parallel; the count is the same everywhere)."""
         self.check_fields(batch)
         if self.needs_reference and batch.get(REF_FIELD) is None:
             raise LossInputError(
@@ -290,19 +315,26 @@ class PreferenceLoss(BaseLoss):
                 "precompute_ref_log_probs there), or use a reference-free loss "
                 "(SimPOLoss, CPOLoss, ORPOLoss)"
             )
-        seq, _ = sequence_index(batch.get("position_ids"), labels.shape)
-        return {self.seq_key: seq.to(labels.device)}
+        seq, n_seqs = answer_index(labels)
+        if n_seqs % 2:
+            raise LossInputError(
+                f"{type(self).__name__}: the batch holds {n_seqs} answers (runs of labelled "
+                "tokens), not chosen/rejected pairs; build the data with "
+                "xtuner.dataset.preference_dataset.build_preference_dataset and "
+                "preference_collate_fn"
+            )
+        ref = batch.get(REF_FIELD)
+        if ref is not None and ref.numel() != n_seqs:
+            raise LossInputError(
+                f"{type(self).__name__}: '{REF_FIELD}' holds {ref.numel()} values for "
+                f"{n_seqs} answers"
+            )
+        return {self.seq_key: seq, self.count_key: torch.full_like(seq, n_seqs)}
 
     def sequences(self, ctx: LossContext) -> tuple[Tensor, int]:
         """This shard's sequence ids and the batch's number of sequences (even: pairs)."""
-        seq = ctx.extras[self.seq_key]
-        _, n_seqs = sequence_index(ctx.batch.get("position_ids"), ctx.batch["labels"].shape)
-        if n_seqs % 2:
-            raise LossInputError(
-                f"{type(self).__name__}: the batch holds {n_seqs} sequences, not chosen/rejected "
-                "pairs; build the data with build_preference_dataset and preference_collate_fn"
-            )
-        return seq, n_seqs
+        counts = ctx.extras[self.count_key]
+        return ctx.extras[self.seq_key], int(counts.max()) if counts.numel() else 0
 
     def sequence_sums(self, ctx: LossContext) -> tuple[Tensor, Tensor, Tensor]:
         """Policy log-prob sums and token counts per sequence, over all shards.
