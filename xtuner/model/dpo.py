@@ -174,20 +174,26 @@ class DPO(PreferenceFinetune):
         inputs = self._attention_inputs(data)
         labels = shift_labels(data["labels"], inputs["position_ids"])
         seq, n_seqs = answer_index(labels)
-        chunk = max(p.chunk_size for p in preference_losses(self.loss))
+        chunk = max((p.chunk_size for p in preference_losses(self.loss)), default=1024)
         with self.reference() as (backbone, head):
             hidden = backbone(**inputs, use_cache=False).last_hidden_state
             sums, _, _ = sequence_logps(hidden, head.weight, head.bias, labels, seq, n_seqs, chunk)
         return sums.detach()
 
+    def loss_batch(self, data: dict) -> dict:
+        """The batch with what the loss reads besides the model's inputs: the reference's
+        log-probabilities (``ref_logps``), from the cache or computed now."""
+        if not self.needs_reference or data.get(REF_FIELD) is not None:
+            return data
+        data = dict(data)
+        cached = self._cached_reference(data) if self.precompute_ref_log_probs else None
+        data[REF_FIELD] = cached if cached is not None else self.reference_logps(data)
+        return data
+
     def compute_loss(self, data: dict) -> dict[str, Tensor]:
         if "labels" not in data:
             raise KeyError("the batch has no 'labels': the dataset must produce them")
-        if self.needs_reference and data.get(REF_FIELD) is None:
-            data = dict(data)
-            cached = self._cached_reference(data) if self.precompute_ref_log_probs else None
-            data[REF_FIELD] = cached if cached is not None else self.reference_logps(data)
-        return super().compute_loss(data)
+        return super().compute_loss(self.loss_batch(data))
 
     # precomputed reference log-probabilities -----------------------------------------------
     def _cached_reference(self, data: dict) -> Tensor | None:
