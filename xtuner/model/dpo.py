@@ -174,7 +174,7 @@ class DPO(PreferenceFinetune):
         inputs = self._attention_inputs(data)
         labels = shift_labels(data["labels"], inputs["position_ids"])
         seq, n_seqs = answer_index(labels)
-        chunk = max((p.chunk_size for p in preference_losses(self.loss)), default=1024)
+        chunk = max((p.chunk_size for p in preference_losses(self.loss)), default=256)
         with self.reference() as (backbone, head):
             hidden = backbone(**inputs, use_cache=False).last_hidden_state
             sums, _, _ = sequence_logps(hidden, head.weight, head.bias, labels, seq, n_seqs, chunk)

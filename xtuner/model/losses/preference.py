@@ -115,7 +115,7 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 
 def chunked_target_logps(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 1024
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 256
 ) -> Tensor:
     """Log-probability of each target token, differentiable, one chunk of logits at a time.
 
@@ -123,7 +123,8 @@ def chunked_target_logps(
         hidden: ``[n, D]`` hidden states of the tokens that have a target.
         weight: ``[V, D]`` output head weight; ``bias``: ``[V]`` or None.
         targets: ``[n]`` target ids.
-        chunk_size: tokens per chunk of ``[chunk x V]`` float logits; 0 computes all at once.
+        chunk_size: tokens per chunk of ``[chunk x V]`` float logits (the extra memory is
+            about two such chunks plus the head's gradient); 0 computes all at once.
 
     Returns:
         ``[n]`` float32 log-probabilities (float64 for a float64 head).
@@ -199,7 +200,7 @@ def sequence_logps(
     labels: Tensor,
     seq: Tensor,
     n_seqs: int,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Summed target log-probabilities per sequence, for this shard's tokens.
 
@@ -260,7 +261,8 @@ class PreferenceLoss(BaseLoss):
     Args:
         beta: the temperature of the implicit reward (its meaning per loss is in each
             class's docstring).
-        chunk_size: tokens per chunk of vocabulary-sized float32 logits.
+        chunk_size: tokens per chunk of vocabulary-sized float32 logits (about two chunks
+            exist at a time: 256 x 128k x 4 bytes = 128 MiB each); 0 computes all at once.
         name: the term name (``loss_<name>``).
         nonfinite: ``'raise'`` or ``'skip'`` (see :class:`BaseLoss`).
     """
@@ -278,7 +280,7 @@ class PreferenceLoss(BaseLoss):
     def __init__(
         self,
         beta: float = 0.1,
-        chunk_size: int | None = 1024,
+        chunk_size: int | None = 256,
         name: str | None = None,
         nonfinite: str = "raise",
     ):
