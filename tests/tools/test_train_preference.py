@@ -28,7 +28,7 @@ _spec.loader.exec_module(_cli)
 losses_of, run_xtuner = _cli.losses_of, _cli.run_xtuner
 
 HERE = osp.dirname(osp.abspath(__file__))
-WORDS = "apple river stone cloud tiger paper music garden window silver".split()
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "paper", "music", "garden", "window", "silver"]
 
 MODELS = {
     "dpo": (
