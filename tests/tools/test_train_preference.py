@@ -28,7 +28,16 @@ _spec.loader.exec_module(_cli)
 losses_of, run_xtuner = _cli.losses_of, _cli.run_xtuner
 
 HERE = osp.dirname(osp.abspath(__file__))
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "paper", "music", "garden", "window", "silver"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "paper",
+    "music",
+    "garden",
+]
 
 MODELS = {
     "dpo": (
