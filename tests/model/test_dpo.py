@@ -246,3 +246,15 @@ def test_reward_model_scores_and_exports_a_sequence_classifier(tiny_llama_path, 
                 )
     chosen = torch.stack(scores[0::2]).mean()
     assert chosen.item() == pytest.approx(out["chosen_score_mean"].item(), rel=1e-4, abs=1e-5)
+
+
+def test_reward_model_on_a_bare_decoder_as_upstream_polar_configs_build_it(tiny_llama_path):
+    from transformers import AutoModel
+
+    cfg = dict(type=AutoModel.from_pretrained, pretrained_model_name_or_path=tiny_llama_path)
+    model = RewardModel(cfg, use_activation_checkpointing=False)
+    with torch.no_grad():
+        model.v_head.weight.normal_()
+    out = model(batch_of(make_pairs(reward_token=7), "packed"))
+    out["loss_rank"].backward()
+    assert model.v_head.weight.grad.abs().sum() > 0

@@ -77,6 +77,12 @@ class RewardModel(PreferenceFinetune):
     def output_head(self) -> nn.Module:
         return self.v_head
 
+    def backbone(self) -> nn.Module:
+        # ``AutoModel`` (as XTuner 0.x's POLAR configs build it) is the decoder itself.
+        if self.base_llm.get_output_embeddings() is None:
+            return self.base_llm
+        return super().backbone()
+
     def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # The score is read at the reward token itself: the labels are not shifted.
         labels = data["labels"]
@@ -114,9 +120,12 @@ class RewardModel(PreferenceFinetune):
         if getattr(config, "pad_token_id", None) is None and tokenizer is not None:
             config.pad_token_id = tokenizer.pad_token_id
         classifier = AutoModelForSequenceClassification.from_config(config)
-        prefix = classifier.base_model_prefix
-        backbone = getattr(llm, prefix, None) or llm.get_decoder()
-        getattr(classifier, prefix).load_state_dict(backbone.state_dict())
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        if base.get_output_embeddings() is None:
+            backbone = base
+        else:
+            backbone = getattr(base, base.base_model_prefix, None) or base.get_decoder()
+        getattr(classifier, classifier.base_model_prefix).load_state_dict(backbone.state_dict())
         classifier.score.weight.data.copy_(self.v_head.weight.data)
         dtype = torch.float32 if fp32 else torch.bfloat16
         if not fp32:
