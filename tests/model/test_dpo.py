@@ -107,15 +107,38 @@ def naive_loss(kind, pol, ref, counts):
     return -F.logsigmoid(BETA * (avg[:, 0] - avg[:, 1] - 0.5)).mean()
 
 
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config).float()
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize(
-    "kind, lora", [("sigmoid", None), ("ipo", None), ("simpo", None), ("sigmoid", LORA)]
+    "kind, lora, family",
+    [
+        ("sigmoid", None, "llama"),
+        ("ipo", None, "llama"),
+        ("simpo", None, "llama"),
+        ("sigmoid", LORA, "llama"),
+        ("sigmoid", None, "qwen2_tied"),
+    ],
 )
-def test_loss_and_gradients_equal_a_direct_computation(tiny_llama_path, layout, kind, lora):
+def test_loss_and_gradients_equal_a_direct_computation(tiny_llama_path, layout, kind, lora, family):
     torch.manual_seed(0)
     loss = dict(type="SimPOLoss", beta=BETA, chunk_size=5) if kind == "simpo" else None
     model = DPO(
-        llm_cfg(tiny_llama_path),
+        llm_cfg(tiny_llama_path) if family == "llama" else tiny_qwen2(),
         beta=BETA,
         loss_type=kind if kind != "simpo" else "sigmoid",
         loss=loss,
