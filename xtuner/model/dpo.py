@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from mmengine.config import ConfigDict
+from mmengine.logging import print_log
 from torch import Tensor, nn
 
 from .losses import LossConfigError
@@ -119,6 +121,7 @@ class DPO(PreferenceFinetune):
         self.precompute_ref_log_probs = precompute_ref_log_probs
         #: sequence digest -> reference log-probability (filled by PrecomputeRefLogpsHook).
         self.ref_cache: dict[bytes, float] = {}
+        self._warned_empty_cache = False
         ref = None
         if self.needs_reference and (ref_llm is not None or not self.use_lora):
             ref = self._build_reference(ref_llm, kwargs)
@@ -199,6 +202,15 @@ class DPO(PreferenceFinetune):
     def _cached_reference(self, data: dict) -> Tensor | None:
         from xtuner.engine.hooks.preference import sequence_digests
 
+        if not self.ref_cache and not self._warned_empty_cache:
+            self._warned_empty_cache = True
+            print_log(
+                "DPO(precompute_ref_log_probs=True): the reference cache is empty, so the "
+                "reference runs every step; add dict(type=PrecomputeRefLogpsHook) to "
+                "custom_hooks to compute it once before training",
+                logger="current",
+                level=logging.WARNING,
+            )
         keys = sequence_digests(data)
         if not all(key in self.ref_cache for key in keys):
             return None
