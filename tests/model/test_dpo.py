@@ -281,3 +281,45 @@ def test_reward_model_on_a_bare_decoder_as_upstream_polar_configs_build_it(tiny_
     out = model(batch_of(make_pairs(reward_token=7), "packed"))
     out["loss_rank"].backward()
     assert model.v_head.weight.grad.abs().sum() > 0
+
+
+def test_unpaired_kto_data_trains_with_kto_loss(chat_model_path):
+    from transformers import AutoTokenizer
+
+    from xtuner.dataset.preference_dataset import build_preference_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_path)
+    records = [
+        {"prompt": "Say hi.", "completion": "Hi there.", "label": True},
+        {"prompt": "Say hi.", "completion": "Go away.", "label": False},
+        {"prompt": "Count.", "completion": "one two three", "label": True},
+        {"prompt": "Count.", "completion": "no label"},
+    ]
+    data = build_preference_dataset(records, tokenizer, max_length=64)
+    assert len(data) == 3 and data.unpaired
+    batch = preference_collate_fn([data[i] for i in range(3)])["data"]
+    assert batch["kto_labels"].tolist() == [True, False, True]
+    model = DPO(
+        llm_cfg(chat_model_path),
+        loss=dict(type="KTOLoss", beta=BETA, undesirable_weight=2.0),
+        use_activation_checkpointing=False,
+    )
+    perturb(model.llm)
+    out = model(batch)
+    pol, ref = [], []
+    for i in range(3):
+        item = data[i]
+        pair = {"chosen_ids": item["input_ids"], "chosen_labels": item["labels"]}
+        pair.update(rejected_ids=item["input_ids"], rejected_labels=item["labels"])
+        pol.append(direct_logps(model.llm, [pair])[0][0, 0])
+        with torch.no_grad():
+            ref.append(direct_logps(model.ref_llm, [pair])[0][0, 0])
+    r = torch.stack(pol) - torch.stack(ref)
+    z = r.detach().mean().clamp(min=0)
+    good = torch.tensor([True, False, True])
+    naive = torch.where(
+        good, 1 - torch.sigmoid(BETA * (r - z)), 2.0 * (1 - torch.sigmoid(BETA * (z - r)))
+    ).mean()
+    assert out["loss"].item() == pytest.approx(naive.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="use_varlen_attn=False"):
+        build_preference_dataset(records, tokenizer, max_length=64, use_varlen_attn=True)

@@ -7,6 +7,10 @@ prompt; the prompt's tokens get no target. For reward models (``is_reward=True``
 reward token is appended to each answer and only that position is labelled (0 chosen,
 1 rejected).
 
+Unpaired records (for :class:`~xtuner.model.losses.preference.KTOLoss`) hold ``prompt``,
+one ``completion`` and a boolean ``label`` (desirable or not) instead of the two answers;
+a data set holds one kind.
+
 Records that cannot train are counted and skipped with one warning naming the first record
 of each reason (``bad_records='raise'`` stops instead): no ``chosen`` or ``rejected``,
 identical answers, a chosen or rejected sequence longer than ``max_length``, a pair longer
@@ -165,6 +169,8 @@ class _Tokenizer:
         prompt = _messages(record.get("prompt"), "user") or []
         chosen = _messages(record.get("chosen"), "assistant")
         rejected = _messages(record.get("rejected"), "assistant")
+        if chosen is None and rejected is None and record.get("completion") is not None:
+            return self._unpaired(record, prompt)
         if chosen is None or rejected is None:
             return None, "no 'chosen' or 'rejected' answer"
         if chosen == rejected:
@@ -183,6 +189,25 @@ class _Tokenizer:
             "rejected_ids": rejected_ids,
             "rejected_labels": rejected_labels,
         }, None
+
+    def _unpaired(self, record: dict, prompt: list[dict]) -> tuple[dict | None, str | None]:
+        """An unpaired record (KTO): one ``completion`` and a boolean ``label``."""
+        label = record.get("label")
+        if not isinstance(label, bool) or self.is_reward:
+            return (
+                None,
+                "an unpaired 'completion' without a boolean 'label' (or for a reward model)",
+            )
+        completion = _messages(record["completion"], "assistant")
+        if completion is None:
+            return None, "no 'chosen' or 'rejected' answer"
+        prompt_ids = self._encode(self._render(prompt, True)) if prompt else []
+        ids, labels = self._answer(prompt, prompt_ids, completion, 0)
+        if len(ids) > self.max_length:
+            return None, f"a sequence longer than max_length={self.max_length}"
+        if set(labels) == {IGNORE_INDEX}:
+            return None, "an answer with no token after the prompt"
+        return {"input_ids": ids, "labels": labels, "kto_label": label}, None
 
 
 class _BadRecords:
@@ -215,7 +240,8 @@ class _BadRecords:
 
 class PreferenceDataset(Dataset):
     """Tokenised (chosen, rejected) pairs; items have ``chosen_ids``, ``chosen_labels``,
-    ``rejected_ids``, ``rejected_labels``.
+    ``rejected_ids``, ``rejected_labels`` (unpaired records: ``input_ids``, ``labels``,
+    ``kto_label``).
 
     Args:
         dataset: records with ``prompt``, ``chosen``, ``rejected`` (see the module docstring).
@@ -255,9 +281,18 @@ class PreferenceDataset(Dataset):
         bad.report(len(dataset))
         if not self.pairs:
             raise ValueError("preference data: no record is left to train on")
+        kinds = {"kto_label" in pair for pair in self.pairs}
+        if len(kinds) > 1:
+            raise ValueError(
+                "preference data mixes pairs (chosen/rejected) and unpaired records "
+                "(completion/label); a data set holds one kind"
+            )
+        #: True for unpaired (KTO) records.
+        self.unpaired = kinds == {True}
         digest = hashlib.sha1()
         for pair in self.pairs:
-            digest.update(np.asarray(pair["chosen_ids"] + pair["rejected_ids"]).tobytes())
+            for key in ("chosen_ids", "rejected_ids", "input_ids"):
+                digest.update(np.asarray(pair.get(key, []), dtype=np.int64).tobytes())
         #: identifies the tokenised data (for caches of per-sequence values).
         self.fingerprint = digest.hexdigest()
 
@@ -380,5 +415,10 @@ def build_preference_dataset(
         records, tokenizer, max_length, is_dpo, is_reward, reward_token_id, bad_records
     )
     if use_varlen_attn:
+        if pairs.unpaired:
+            raise ValueError(
+                "build_preference_dataset: unpaired (KTO) records are batched padded; set "
+                "use_varlen_attn=False"
+            )
         return PackedPreferenceDataset(pairs, max_packed_length, shuffle_before_pack, bad_records)
     return pairs

@@ -24,7 +24,9 @@ def preference_collate_fn(
             ``rejected_ids``, ``rejected_labels``): each answer becomes a row, so a batch of
             ``n`` pairs has ``2n`` rows ``chosen_0, rejected_0, chosen_1, ...``. With it,
             packed rows (``input_ids``, ``labels``, ``cumulative_len``) of whole pairs, as
-            ``build_preference_dataset(..., use_varlen_attn=True)`` makes them.
+            ``build_preference_dataset(..., use_varlen_attn=True)`` makes them. Unpaired
+            (KTO) samples (``input_ids``, ``labels``, ``kto_label``) become one row each,
+            their labels the batch field ``kto_labels``.
         pad_index: id of padded ``input_ids`` positions.
         return_hf_format: return the bare data dict.
         use_varlen_attn: the instances are packed rows.
@@ -44,6 +46,8 @@ def preference_collate_fn(
                 "with build_preference_dataset(..., use_varlen_attn=True)"
             )
         rows = list(instances)
+    elif "kto_label" in instances[0]:
+        rows = list(instances)  # unpaired (KTO): one answer per row, its label per row
     else:
         if "chosen_ids" not in instances[0]:
             raise ValueError(
@@ -60,6 +64,8 @@ def preference_collate_fn(
         n = len(row["input_ids"])
         if n < positions.shape[1]:
             positions[i, n:] = torch.arange(1, positions.shape[1] - n + 1) + positions[i, n - 1]
+    if "kto_label" in rows[0]:
+        data["kto_labels"] = torch.tensor([bool(row["kto_label"]) for row in rows])
     if return_hf_format:
         return data
     return {"data": data, "data_samples": None}

@@ -276,6 +276,8 @@ class PreferenceLoss(BaseLoss):
     needs_reference: bool = False
     #: average the log-probabilities over each sequence's target tokens (IPO, SimPO, ORPO).
     average_logps: bool = False
+    #: the answers come in (chosen, rejected) pairs (all but unpaired KTO).
+    paired: bool = True
 
     def __init__(
         self,
@@ -318,7 +320,7 @@ class PreferenceLoss(BaseLoss):
                 "(SimPOLoss, CPOLoss, ORPOLoss)"
             )
         seq, n_seqs = answer_index(labels)
-        if n_seqs % 2:
+        if self.paired and n_seqs % 2:
             raise LossInputError(
                 f"{type(self).__name__}: the batch holds {n_seqs} answers (runs of labelled "
                 "tokens), not chosen/rejected pairs; build the data with "
@@ -768,12 +770,13 @@ class KTOLoss(PreferenceLoss):
     ``z = max(0, mean r)`` over the micro-batch's sequences (not trained through):
     desirable ``lambda_D (1 - s(beta (r - z)))``, undesirable ``lambda_U (1 - s(beta (z - r)))``,
     normalised by the number of sequences. Desirability comes from the batch field
-    ``kto_labels`` (one bool per sequence) when present, else chosen answers are desirable
-    and rejected ones undesirable.
+    ``kto_labels`` (one bool per sequence: unpaired data, ``completion`` + ``label`` records,
+    makes it) when present, else chosen answers are desirable and rejected ones undesirable.
     """
 
     default_name = "kto"
     needs_reference = True
+    paired = False
 
     def __init__(
         self,
@@ -797,7 +800,12 @@ class KTOLoss(PreferenceLoss):
         if labels is None:
             desirable = torch.arange(ratio.numel(), device=ratio.device) % 2 == 0
         else:
-            desirable = torch.as_tensor(labels, device=ratio.device).bool()
+            desirable = torch.as_tensor(labels, device=ratio.device).bool().reshape(-1)
+            if desirable.numel() != ratio.numel():
+                raise LossInputError(
+                    f"KTOLoss: 'kto_labels' holds {desirable.numel()} labels for "
+                    f"{ratio.numel()} answers"
+                )
         z = ratio.detach().mean().clamp(min=0)
         good = self.desirable_weight * (1 - torch.sigmoid(self.beta * (ratio - z)))
         bad = self.undesirable_weight * (1 - torch.sigmoid(self.beta * (z - ratio)))
