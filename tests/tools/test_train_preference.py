@@ -42,7 +42,7 @@ WORDS = [
 MODELS = {
     "dpo": (
         "dict(\n    type=DPO,\n    use_varlen_attn=use_varlen_attn,\n    loss_type=dpo_loss_type,\n"
-        "    beta=loss_beta,\n    label_smoothing=label_smoothing,\n    llm=dict(\n"
+        "    beta=loss_beta,\n    label_smoothing=label_smoothing,{dpo_extra}\n    llm=dict(\n"
         "        type=AutoModelForCausalLM.from_pretrained,\n"
         "        pretrained_model_name_or_path=pretrained_model_name_or_path,\n"
         "        trust_remote_code=True,\n        torch_dtype=torch.float32))"
@@ -68,6 +68,10 @@ CHAT_HOOKS = (
     "        system=SYSTEM,\n        prompt_template=prompt_template,\n"
     "        max_new_tokens=4)\n]"
 )
+
+
+# The reference's log-probabilities computed once before training (registered hook name).
+PRECOMPUTE = " + [dict(type='PrecomputeRefLogpsHook')]"
 
 
 def write_pairs(path, n=40, seed=0) -> str:
@@ -98,6 +102,7 @@ def write_preference_config(
     accumulative_counts=1,
     lr="2e-4",
     dpo_loss_type="sigmoid",
+    precompute=False,
 ) -> str:
     with open(osp.join(HERE, "preference_config.py.tmpl"), encoding="utf-8") as f:
         text = f.read()
@@ -110,11 +115,13 @@ def write_preference_config(
         accumulative_counts=accumulative_counts,
         max_iters=max_iters,
         lr=lr,
-        model=MODELS[kind],
+        model=MODELS[kind].replace(
+            "{dpo_extra}", "\n    precompute_ref_log_probs=True," if precompute else ""
+        ),
         map_fn="None",
         is_dpo=kind != "reward",
         is_reward=kind == "reward",
-        custom_hooks="[]" if kind == "reward" else CHAT_HOOKS,
+        custom_hooks="[]" if kind == "reward" else CHAT_HOOKS + (PRECOMPUTE if precompute else ""),
     )
     path = tmp_path / f"{kind}.py"
     path.write_text(text)
@@ -135,10 +142,17 @@ def mean(values):
 @pytest.mark.slow
 def test_dpo_config_trains_and_reward_accuracy_rises(tmp_path, chat_model_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
-    cfg = write_preference_config(tmp_path, chat_model_path, data, "dpo", max_iters=24)
-    work = str(tmp_path / "work")
-    out = run_xtuner("train", cfg, "--work-dir", work, "--seed", "0")
+    cfg = write_preference_config(
+        tmp_path, chat_model_path, data, "dpo", max_iters=24, precompute=True
+    )
+    work, cache = str(tmp_path / "work"), str(tmp_path / "cache")
+    out = run_xtuner(
+        "train", cfg, "--work-dir", work, "--seed", "0", env={"XTUNER_DATASET_CACHE": cache}
+    )
     assert out.returncode == 0, out.stderr[-3000:]
+    # The reference ran once over the 40 pairs before training, then was released.
+    assert "reference log-probabilities of 80 sequences" in out.stdout + out.stderr
+    assert glob.glob(osp.join(cache, "reference_logps", "*.pt"))
     losses, acc = losses_of(work), scalars(work, "reward_acc")
     assert len(losses) == len(acc) == 24
     assert mean(acc[-6:]) > 0.8 and mean(acc[:3]) < 0.8
