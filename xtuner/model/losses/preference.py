@@ -2,7 +2,8 @@
 
 Every loss here is a full loss (:class:`~xtuner.model.losses.base.BaseLoss`) that works on
 *sequences*: a batch holds chosen and rejected answers interleaved (``chosen_0, rejected_0,
-chosen_1, ...``: one per row when padded, one per packed document when varlen). From the
+chosen_1, ...``: one per row when padded, one per packed document when varlen); a loss
+finds them as the runs of target tokens (:func:`answer_index`). From the
 hidden states a loss computes what it needs per sequence:
 
 * the summed log-probability of the sequence's target tokens (DPO family), chunk by chunk
@@ -17,10 +18,12 @@ log-probabilities arrive in the batch (``ref_logps``, one per sequence), compute
 
 Normalisation: per-pair terms are divided by the number of pairs (weight key ``'pairs'``),
 token terms (NLL on the chosen answer) by the number of chosen tokens (``'chosen_tokens'``),
-per-sequence terms by the number of sequences (``'sequences'``): the model puts per-token
-markers for these counts next to the usual token weights, so global normalisation over an
-accumulation window and over ranks works as for SFT. Metrics (``reward_acc``,
-``reward_margin``, ``chosen_rewards``, ...) are logged under names without ``'loss'``.
+per-sequence terms by the number of sequences (``'sequences'``). These counts are sums of
+per-token markers made by the losses' weight specs (:data:`PREFERENCE_WEIGHTS`) next to the
+usual token weights, so global normalisation over an accumulation window and over ranks,
+and the sequence-parallel split, work as for SFT (any model can run these losses).
+Metrics (``reward_acc``, ``reward_margin``, ``chosen_rewards``, ...) are logged under names
+without ``'loss'``.
 
 Formulas follow TRL's ``DPOTrainer``/``CPOTrainer``/``KTOTrainer`` and the papers cited on
 each class; ``docs/en/preference.md`` lists them.
