@@ -1020,6 +1020,9 @@ def check(args: argparse.Namespace) -> dict:
     }
     vocab = model.output_head().weight.shape[0]
     first = batches[0].get("data", batches[0])
+    if hasattr(model, "loss_batch"):  # fields the model adds for its loss (DPO: ref_logps)
+        with torch.no_grad():
+            first = model.loss_batch(first)
     checks = [gradcheck_loss(configured, vocab, first, args.seed)]
     compare_checks, report["comparison"] = compare(
         model, configured, baseline, batches[: args.batches]
