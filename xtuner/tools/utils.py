@@ -1,7 +1,12 @@
-"""Shared helpers of the command-line tools: finding configs and reporting errors."""
+"""Shared helpers of the command-line tools: finding configs and reporting errors.
+
+Importing this module is cheap (no mmengine, no torch): tools parse their arguments first,
+so ``-h`` and a mistyped flag answer at once, and import the heavy libraries afterwards.
+"""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import inspect
 import os
@@ -10,10 +15,12 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
-
-from mmengine.config import Config, DictAction
+from typing import TYPE_CHECKING
 
 from xtuner.configs import cfgs_name_path
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 RUNNER_KEYS = [
     "model",
@@ -65,6 +72,8 @@ def resolve_config_path(config: str) -> str:
 
 
 def load_config(config: str, cfg_options: dict | None = None) -> Config:
+    from mmengine.config import Config
+
     path = resolve_config_path(config)
     try:
         cfg = Config.fromfile(path)
@@ -92,11 +101,20 @@ def _check_top_level_keys(cfg: Config, path: str) -> None:
             )
 
 
-def add_cfg_options(parser) -> None:
+class _CfgOptionsAction(argparse.Action):
+    """mmengine's ``DictAction``, imported only when ``--cfg-options`` is given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction
+
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+
+def add_cfg_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options",
         nargs="+",
-        action=DictAction,
+        action=_CfgOptionsAction,
         help="override config keys, e.g. train_dataloader.batch_size=2 model.loss.type=FocalLoss",
     )
 
