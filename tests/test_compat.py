@@ -217,3 +217,26 @@ def test_unpatched_model_unwrapping_imports_deepspeed():
         "print(str('deepspeed' in sys.modules).lower())\n"
     )
     assert unpatched is True  # every HF save_pretrained would import it
+
+
+def test_fixes_apply_when_mmengine_is_imported_after_xtuner():
+    """``import xtuner`` imports no mmengine; the import hook fixes each module as it loads
+    (the in-process tests above cover mmengine imported first)."""
+    seen = _modules_after(
+        "import json, sys\n"
+        "import xtuner\n"
+        "from xtuner import _compat\n"
+        "before = 'mmengine' in sys.modules or 'torch' in sys.modules\n"
+        "import mmengine.config.config as config_mod\n"
+        "import mmengine.dist.utils as dist_utils\n"
+        "import mmengine.utils.package_utils as pkg_utils\n"
+        "from mmengine.model.wrappers import MMDistributedDataParallel\n"
+        "from mmengine.runner.checkpoint import CheckpointLoader\n"
+        "print(json.dumps([before,\n"
+        "    pkg_utils.is_installed is _compat.is_installed,\n"
+        "    config_mod.get_installed_path is _compat.get_installed_path,\n"
+        "    dist_utils._init_dist_pytorch is _compat._init_dist_pytorch_cpu_aware,\n"
+        "    getattr(MMDistributedDataParallel.__init__, '_xtuner_cpu_aware', False),\n"
+        "    CheckpointLoader._schemes[''] is _compat.load_local_checkpoint]))\n"
+    )
+    assert seen == [False, True, True, True, True, True]
