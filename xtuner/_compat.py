@@ -25,7 +25,7 @@ has a test in ``tests/test_compat.py`` that fails without it.
    :class:`xtuner.engine.runner.TrainLoop` iterates without that sleep.
 7. Start-up time: every ``mmengine.runner`` import imports deepspeed (for its DeepSpeed
    strategy) and bitsandbytes (to register its optimizers), and every HF ``save_pretrained``
-   imports deepspeed (accelerate's model unwrapping), used or not: about 2-3 s of CPU per
+   imports deepspeed (accelerate's model unwrapping), used or not: 1.5-2.5 s of CPU per
    run. Each import now happens when the run needs it: a DeepSpeed strategy is built, a
    config names a bitsandbytes optimizer by string, a DeepSpeed engine exists.
 """
@@ -299,7 +299,7 @@ def _patch_unwrap_model(other: types.ModuleType) -> None:
 def _defer_bitsandbytes(builder: types.ModuleType) -> Iterator[None]:
     """Executes ``mmengine.optim.optimizer.builder`` without importing bitsandbytes.
 
-    The builder registers bitsandbytes' optimizers by importing it (~2 s of CPU). Here the
+    The builder registers bitsandbytes' optimizers by importing it (1-2 s of CPU). Here the
     registration happens when the optimizer registry first misses a name instead: only a
     config naming such an optimizer by string (``type='PagedAdamW8bit'``) needs it.
     """
