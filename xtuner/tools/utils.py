@@ -1,7 +1,12 @@
-"""Shared helpers of the command-line tools: finding configs and reporting errors."""
+"""Shared helpers of the command-line tools: finding configs and reporting errors.
+
+Importing this module is cheap (no mmengine, no torch): tools parse their arguments first,
+so ``-h`` and a mistyped flag answer at once, and import the heavy libraries afterwards.
+"""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import inspect
@@ -11,11 +16,12 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
-
-from mmengine.config import Config, DictAction
-from mmengine.logging import print_log
+from typing import TYPE_CHECKING
 
 from xtuner.configs import cfgs_name_path
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 RUNNER_KEYS = [
     "model",
@@ -67,6 +73,8 @@ def resolve_config_path(config: str) -> str:
 
 
 def load_config(config: str, cfg_options: dict | None = None) -> Config:
+    from mmengine.config import Config
+
     path = resolve_config_path(config)
     try:
         cfg = Config.fromfile(path)
@@ -132,6 +140,8 @@ def import_custom_modules(cfg: Config, path: str) -> list[str]:
             importlib.import_module(name)
         except ImportError as exc:
             if allow_failed:
+                from mmengine.logging import print_log
+
                 print_log(f"custom_imports: {name!r} failed to import: {exc}", "current", 30)
                 continue
             raise UserError(
@@ -155,11 +165,20 @@ def _check_top_level_keys(cfg: Config, path: str) -> None:
             )
 
 
-def add_cfg_options(parser) -> None:
+class _CfgOptionsAction(argparse.Action):
+    """mmengine's ``DictAction``, imported only when ``--cfg-options`` is given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction
+
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+
+def add_cfg_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options",
         nargs="+",
-        action=DictAction,
+        action=_CfgOptionsAction,
         help="override config keys, e.g. train_dataloader.batch_size=2 model.loss.type=FocalLoss",
     )
 
