@@ -120,14 +120,3 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
     names.discard("lm_head")
     names.discard("output")
     return sorted(names)
-
-
-def resolve_head(module: nn.Module) -> nn.Module:
-    """The module holding the output head's weight (unwraps peft's modules_to_save)."""
-    if hasattr(module, "modules_to_save") and hasattr(module, "active_adapter"):
-        active = module.active_adapter
-        active = active[0] if isinstance(active, (list, tuple)) else active
-        if active in module.modules_to_save:
-            return module.modules_to_save[active]
-        return module.original_module
-    return module

@@ -20,8 +20,10 @@ from .cross_entropy import CrossEntropyLoss, SampleWeightedCELoss, TokenWeighted
 from .dft import DFTLoss
 from .distill import KDLoss
 from .focal import FocalLoss
+from .head import HeadMismatchError, LogitTransform, OutputHead, build_output_head
 from .normalize import finalize_loss
 from .regularizers import EntropyRegularization, ZLoss
+from .router import RouterAuxLoss, RouterZLoss
 
 __all__ = [
     "BaseLoss",
@@ -45,4 +47,10 @@ __all__ = [
     "ZLoss",
     "EntropyRegularization",
     "KDLoss",
+    "RouterAuxLoss",
+    "RouterZLoss",
+    "OutputHead",
+    "LogitTransform",
+    "HeadMismatchError",
+    "build_output_head",
 ]

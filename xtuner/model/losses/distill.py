@@ -15,6 +15,7 @@ from xtuner.registry import BUILDER, LOSSES
 from .base import LossInputError, TokenLoss
 from .cross_entropy import cross_entropy_and_grad_
 from .functional import kl_rows, linear_into, log_softmax_, row_dot, scratch
+from .head import build_output_head
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -86,6 +87,8 @@ class KDLoss(TokenLoss):
         teacher.eval().requires_grad_(False)
         # Stored outside nn.Module's registry: not a submodule, so not trained or saved.
         object.__setattr__(self, "teacher", teacher)
+        # The teacher's logits are made as its own family makes them (soft cap, scaling).
+        object.__setattr__(self, "teacher_head", build_output_head(teacher))
         self.divergence = divergence
         self.temperature = float(temperature)
         self.beta = float(beta)
@@ -136,18 +139,22 @@ class KDLoss(TokenLoss):
         return {self.teacher_key: out.last_hidden_state}
 
     def _teacher_logits(self, hidden: Tensor, like: Tensor) -> Tensor:
-        head = self.teacher.get_output_embeddings()
-        if head.weight.shape[0] != like.shape[-1]:
+        head = self.teacher_head
+        if head.vocab_size != like.shape[-1]:
             raise LossInputError(
-                f"KDLoss: the teacher's vocabulary ({head.weight.shape[0]}) differs from the "
+                f"KDLoss: the teacher's vocabulary ({head.vocab_size}) differs from the "
                 f"student's ({like.shape[-1]}); distillation needs the same tokenizer and "
                 "output size"
             )
         out = scratch("kd.teacher", like)
-        hidden = hidden.to(head.weight.dtype)
-        if head.weight.dtype != like.dtype:
-            return out.copy_(F.linear(hidden, head.weight, head.bias))
-        return linear_into(hidden, head.weight, head.bias, out)
+        with torch.no_grad(), head.materialized() as (weight, bias):
+            hidden = hidden.to(weight.dtype)
+            if weight.dtype != like.dtype:
+                out.copy_(F.linear(hidden, weight, bias))
+            else:
+                linear_into(hidden, weight, bias, out)
+        head.transform.apply_(out, key="kd.teacher_tanh")
+        return out
 
     def loss_and_grad(self, logits, targets, extras, weights):
         values, ce_grad = {}, None
