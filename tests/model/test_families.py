@@ -231,3 +231,89 @@ def test_router_loss_on_a_dense_model_is_refused():
             use_activation_checkpointing=False,
             loss=[dict(type="CrossEntropyLoss"), dict(type="RouterAuxLoss")],
         )
+
+
+PACKED = [
+    (family, attn)
+    for family in ("llama", "qwen2_tied", "phi3", "gemma2", "cohere", "mixtral", "qwen3_moe")
+    for attn in ("eager", "sdpa")
+    if not (family == "gemma2" and attn == "sdpa")  # Gemma2 has no sdpa (soft-capped attention)
+]
+DOC_LENGTHS = ((5, 7), (6, 6))
+
+
+def documents(seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g) for row in DOC_LENGTHS for n in row]
+
+
+def packed_batch(docs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    ids = torch.stack([torch.cat(docs[:2]), torch.cat(docs[2:])])
+    positions = torch.stack(
+        [torch.cat([torch.arange(len(d)) for d in pair]) for pair in (docs[:2], docs[2:])]
+    )
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
+
+
+def separate_batch(docs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    width = max(len(d) for d in docs)
+    ids = torch.zeros(len(docs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)], mask[i, : len(d)] = d, 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(("family", "attn"), PACKED)
+def test_packed_documents_equal_separate_documents(family, attn):
+    llm = family_llm(family)
+    llm.set_attn_implementation(attn)
+    model = SupervisedFinetune(llm, use_activation_checkpointing=False, use_varlen_attn=True)
+    docs = documents()
+    packed, separate = packed_batch(docs), separate_batch(docs)
+    # Per-document losses from the model's own logits.
+    with torch.no_grad():
+        logits = model.llm(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"]
+        ).logits
+        alone = model.llm(
+            input_ids=separate["input_ids"], attention_mask=separate["attention_mask"]
+        )
+    for i, doc in enumerate(docs):
+        row, start = divmod(i, 2)
+        start = start * DOC_LENGTHS[row][0]
+        got = F.cross_entropy(logits[row, start : start + len(doc) - 1], doc[1:])
+        want = F.cross_entropy(alone.logits[i, : len(doc) - 1], doc[1:])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The whole loss and every gradient.
+    ours = model(packed, mode="loss")
+    total(ours).backward()
+    packed_grads = grads_of(model)
+    model.zero_grad()
+    model.use_varlen_attn = False  # the separate rows keep their padding mask
+    ref = model(separate, mode="loss")
+    total(ref).backward()
+    torch.testing.assert_close(total(ours), total(ref), rtol=1e-5, atol=1e-6)
+    for name, grad in grads_of(model).items():
+        # Packed and separate rows sum in other orders: an absolute floor relative to the
+        # gradient's largest entry for the entries near zero.
+        floor = 1e-5 * float(grad.abs().max())
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=floor, msg=name)
+
+
+def test_varlen_refused_for_a_model_that_lets_documents_attend_each_other():
+    llm = family_llm("llama")
+    # Attention that ignores position_ids: a plain causal mask over the whole row (as remote
+    # code that builds its own mask does).
+    backbone_forward = llm.model.forward
+
+    def forward(*args, position_ids=None, **kwargs):
+        if position_ids is not None:
+            position_ids = torch.arange(position_ids.shape[-1])[None]
+        return backbone_forward(*args, position_ids=position_ids, **kwargs)
+
+    llm.model.forward = forward
+    with pytest.raises(ValueError, match="use_varlen_attn=True, but LlamaForCausalLM.*attend each"):
+        SupervisedFinetune(llm, use_activation_checkpointing=False, use_varlen_attn=True)
+    SupervisedFinetune(llm, use_activation_checkpointing=False, use_varlen_attn=False)

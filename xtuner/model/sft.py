@@ -118,6 +118,8 @@ class SupervisedFinetune(BaseModel):
         self.loss = self._with_router_loss(build_loss(loss))
         if self.head_mode == "chunked":
             self._probe_head()
+        if use_varlen_attn:
+            self._probe_packing()
 
     # building ------------------------------------------------------------------------------
     @staticmethod
@@ -193,22 +195,52 @@ class SupervisedFinetune(BaseModel):
         params = list(head.module.parameters())
         if not params or any(is_partitioned(p) for p in params):
             return
-        embedding = self.base_llm.get_input_embeddings()
-        vocab = min(head.vocab_size, embedding.weight.shape[0])
-        device = embedding.weight.device
-        ids = (torch.arange(1, PROBE_TOKENS + 1, device=device) % vocab)[None]
-        positions = torch.arange(PROBE_TOKENS, device=device)[None]
-        modes = {module: module.training for module in self.llm.modules()}
-        self.llm.eval()
-        try:
+        ids, positions = self._probe_tokens(PROBE_TOKENS)
+        with _eval_mode(self.llm):
             theirs = self.llm(input_ids=ids, position_ids=positions, use_cache=False).logits
             hidden = self.backbone()(input_ids=ids, position_ids=positions, use_cache=False)
             ours = head.logits(hidden.last_hidden_state)
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
         dtype = params[0].dtype
         check_head_equivalence(type(self.base_llm).__name__, head.adapter, theirs, ours, dtype)
+
+    def _probe_tokens(self, n: int) -> tuple[Tensor, Tensor]:
+        """``[1, n]`` token ids and positions for a build-time probe."""
+        embedding = self.base_llm.get_input_embeddings()
+        device = embedding.weight.device
+        ids = (torch.arange(1, n + 1, device=device) % embedding.weight.shape[0])[None]
+        return ids, torch.arange(n, device=device)[None]
+
+    @torch.no_grad()
+    def _probe_packing(self) -> None:
+        """With ``use_varlen_attn``, checks once that packed documents do not attend each
+        other: the second of two packed documents (positions restarting at 0, no mask) must
+        give the logits it gives alone. Remote-code models whose attention ignores
+        ``position_ids`` fail here instead of training on leaked context."""
+        if any(is_partitioned(p) for p in self.base_llm.get_input_embeddings().parameters()):
+            return
+        ids, positions = self._probe_tokens(2 * PROBE_TOKENS)
+        packed_positions = (positions % PROBE_TOKENS).clone()
+        with _eval_mode(self.llm):
+            packed = self.llm(input_ids=ids, position_ids=packed_positions, use_cache=False)
+            alone = self.llm(
+                input_ids=ids[:, PROBE_TOKENS:],
+                position_ids=positions[:, :PROBE_TOKENS],
+                use_cache=False,
+            )
+        theirs, ours = alone.logits.double(), packed.logits[:, PROBE_TOKENS:].double()
+        diff = float((theirs - ours).abs().max())
+        rtol = 1e-4 if self.base_llm.dtype == torch.float32 else 2e-2
+        if diff <= rtol * max(float(theirs.abs().max()), 1.0):
+            return
+        raise ValueError(
+            f"use_varlen_attn=True, but {type(self.base_llm).__name__} with attn_implementation="
+            f"{self.base_llm.config._attn_implementation!r} lets packed documents attend each "
+            f"other: a document packed after another gives logits up to {diff:.3g} away from "
+            "the same document alone (its attention does not follow position_ids that restart "
+            "at 0). Use a model whose attention goes through transformers' attention and "
+            "masking functions, or set use_varlen_attn=False and pack_to_max_length=False so "
+            "that every row holds one document."
+        )
 
     def gradient_checkpointing_enable(self) -> None:
         kwargs = {"use_reentrant": False}
@@ -389,6 +421,18 @@ class SupervisedFinetune(BaseModel):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.llm, name)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Eval mode (no dropout) inside the block; every submodule's own mode restored after."""
+    modes = {sub: sub.training for sub in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, mode in modes.items():
+            sub.training = mode
 
 
 @contextlib.contextmanager
