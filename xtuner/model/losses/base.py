@@ -36,6 +36,7 @@ from .functional import linear_into, logits_view, scratch_pool, vocab_major
 from .head import LogitTransform
 
 REDUCTIONS = ("token", "sample", "square")
+HEAD_GRAD_DTYPES = ("float32", "head")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -297,6 +298,11 @@ class TokenLoss(BaseLoss):
             head's gradient. A loss that needs :attr:`logit_rows` such rows per token
             processes ``chunk_size // logit_rows`` tokens per chunk. 0 or None computes
             all logits at once.
+        head_grad_dtype: ``'float32'`` accumulates the head's weight and bias gradients over
+            the chunks in float32 for a 16-bit head (one fp32 GEMM per chunk; no rounding
+            that grows with the chunk count, no fp16 overflow of the unnormalised sum);
+            ``'head'`` accumulates in the head's dtype (half the memory of the accumulator,
+            16-bit GEMMs; its error grows with the number of chunks).
         **kwargs: see :class:`BaseLoss`.
     """
 
@@ -305,11 +311,17 @@ class TokenLoss(BaseLoss):
     #: holds about 4 (logits, log-softmax, gradients); built-ins that work in place need 1.
     logit_rows: int = 4
 
-    def __init__(self, chunk_size: int | None = 1024, **kwargs):
+    def __init__(self, chunk_size: int | None = 1024, head_grad_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         if chunk_size is not None and chunk_size < 0:
             raise ValueError(f"{type(self).__name__}: chunk_size must be >= 0, got {chunk_size}")
+        if head_grad_dtype not in HEAD_GRAD_DTYPES:
+            raise ValueError(
+                f"{type(self).__name__}: head_grad_dtype={head_grad_dtype!r} is not one of "
+                f"{HEAD_GRAD_DTYPES}"
+            )
         self.chunk_size = chunk_size or 0
+        self.head_grad_dtype = head_grad_dtype
 
     @property
     def token_weight_key(self) -> str:
@@ -496,18 +508,33 @@ def _chunk_pass(
     n = hidden.shape[0]
     step = loss.tokens_per_chunk(n)
     head_dtype = (weight if weight is not None else hidden).dtype
-    grad_h = hidden.new_empty(hidden.shape, dtype=head_dtype) if need[0] else None
-    grad_w = torch.zeros_like(weight) if need[1] and weight is not None else None
-    grad_b = torch.zeros_like(bias) if need[2] and bias is not None else None
+    # Under torch.autocast a float32 head's GEMMs run in the autocast dtype (out= GEMMs
+    # bypass autocast, so the cast is done here, once per pass).
+    gemm_dtype = _autocast_dtype(hidden.device, head_dtype) or head_dtype
+    gemm_weight, gemm_bias = weight, bias
+    if weight is not None and gemm_dtype != head_dtype:
+        gemm_weight = weight.to(gemm_dtype)
+        gemm_bias = None if bias is None else bias.to(gemm_dtype)
+    compute_dtype = torch.promote_types(gemm_dtype, torch.float32)
+    acc_dtype = head_dtype
+    if loss.head_grad_dtype == "float32":
+        acc_dtype = torch.promote_types(head_dtype, torch.float32)
+    # A 16-bit head accumulating in float32 takes its weight gradient from the float32
+    # logits gradient (an fp32 GEMM); under autocast the GEMM stays 16-bit, summed in fp32.
+    fp32_grad_w = gemm_dtype == head_dtype and acc_dtype != head_dtype
+    grad_h = hidden.new_empty(hidden.shape, dtype=gemm_dtype) if need[0] else None
+    grad_w = None
+    if need[1] and weight is not None:
+        grad_w = torch.zeros_like(weight, dtype=acc_dtype)
+    grad_b = torch.zeros_like(bias, dtype=acc_dtype) if need[2] and bias is not None else None
     sums: dict[str, Tensor] = {}
     n_correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # The logits of every chunk go to the same buffer(s): fresh [chunk x V] allocations
-    # cost page faults on CPU. Half-precision heads also get a float32 copy.
+    # cost page faults on CPU. Half-precision GEMMs also get a float32 copy.
     vocab = weight.shape[0] if weight is not None else hidden.shape[-1]
     rows = min(step, max(n, 1))
     major = vocab_major(hidden.device)
-    buffer = hidden.new_empty(rows * vocab, dtype=head_dtype)
-    compute_dtype = torch.promote_types(head_dtype, torch.float32)
+    buffer = hidden.new_empty(rows * vocab, dtype=gemm_dtype)
     upcast = None
     if buffer.dtype != compute_dtype:
         upcast = buffer.new_empty(buffer.shape, dtype=compute_dtype)
@@ -520,8 +547,8 @@ def _chunk_pass(
                 h = None
                 logits = view.copy_(hidden[start:end])
             else:
-                h = hidden[start:end].to(weight.dtype)
-                logits = linear_into(h, weight, bias, view)
+                h = hidden[start:end].to(gemm_dtype)
+                logits = linear_into(h, gemm_weight, gemm_bias, view)
             if upcast is not None:
                 logits = logits_view(upcast, end - start, vocab, major).copy_(logits)
             saved = transform.apply_(logits)
@@ -538,12 +565,12 @@ def _chunk_pass(
                 sums[key] = part if key not in sums else sums[key] + part
             if not any(need):
                 continue
-            grad = transform.grad_(grad, saved)
+            grad = full = transform.grad_(grad, saved)
             grad_for_w = None
-            if grad.dtype != head_dtype:
+            if grad.dtype != gemm_dtype:
                 # The half-precision gradient goes to the logits buffer, free by now.
-                grad = logits_view(buffer, end - start, vocab, major).copy_(grad)
-                if major and grad_w is not None:
+                grad = logits_view(buffer, end - start, vocab, major).copy_(full)
+                if major and grad_w is not None and not fp32_grad_w:
                     # CPU half-precision GEMMs are fast only with the reduced dimension
                     # contiguous: vocabulary-major for grad_h, row-major for grad_w (else
                     # 10-70x slower here). A row-major copy costs half an fp32 chunk.
@@ -552,13 +579,25 @@ def _chunk_pass(
                 if weight is None:
                     grad_h[start:end].copy_(grad)
                 else:
-                    torch.mm(grad, weight, out=grad_h[start:end])
+                    torch.mm(grad, gemm_weight, out=grad_h[start:end])
             if grad_w is not None:
-                grad_w.addmm_((grad if grad_for_w is None else grad_for_w).t(), h)
+                if fp32_grad_w:
+                    grad_w.addmm_(full.t(), h.to(acc_dtype))
+                elif grad_w.dtype == gemm_dtype:
+                    grad_w.addmm_((grad if grad_for_w is None else grad_for_w).t(), h)
+                else:
+                    grad_w.add_(torch.mm((grad if grad_for_w is None else grad_for_w).t(), h))
             if grad_b is not None:
-                grad_b.add_(grad.sum(0))
-            del grad, grad_for_w  # the next chunk overwrites the buffers
+                grad_b.add_(full.sum(0).to(acc_dtype))
+            del grad, grad_for_w, full  # the next chunk overwrites the buffers
     return sums, n_correct, [grad_h, grad_w, grad_b]
+
+
+def _autocast_dtype(device: torch.device, head_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``device`` and the head is float32."""
+    if head_dtype != torch.float32 or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 class _ChunkedTokenLoss(torch.autograd.Function):
