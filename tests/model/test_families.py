@@ -317,3 +317,11 @@ def test_varlen_refused_for_a_model_that_lets_documents_attend_each_other():
     with pytest.raises(ValueError, match="use_varlen_attn=True, but LlamaForCausalLM.*attend each"):
         SupervisedFinetune(llm, use_activation_checkpointing=False, use_varlen_attn=True)
     SupervisedFinetune(llm, use_activation_checkpointing=False, use_varlen_attn=False)
+
+
+def test_probe_is_skipped_when_the_head_weight_is_partitioned():
+    # A ZeRO-3 shard (a parameter with ds_id) is not on this process: the probe cannot run
+    # and the adapter is trusted (here it is wrong, so the build must not fail on it).
+    llm = unit_row_head_model("UnitRowHead")
+    llm.lm_head.weight.ds_id = 0
+    SupervisedFinetune(llm, use_activation_checkpointing=False)
