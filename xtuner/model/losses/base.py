@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from xtuner.utils.constants import IGNORE_INDEX
 
 from .functional import linear_into, logits_view, scratch_pool, vocab_major
 from .head import LogitTransform
+
+if TYPE_CHECKING:
+    from .router import RouterOutputs
 
 REDUCTIONS = ("token", "sample", "square")
 HEAD_GRAD_DTYPES = ("float32", "head")
@@ -95,7 +98,7 @@ class LossContext:
     batch: dict[str, Any] = field(default_factory=dict)
     iteration: int | None = None
     logit_transform: LogitTransform = field(default_factory=LogitTransform)
-    router: Any = None
+    router: RouterOutputs | None = None
 
     @property
     def vocab_size(self) -> int:
