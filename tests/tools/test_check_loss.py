@@ -29,6 +29,8 @@ SMALL = ["train_dataloader.dataset.max_length=160", "train_dataloader.batch_size
 STEPS = 2
 # What the demo data cannot give a loss (the check must say so and fail).
 DATA_LACKS = {"TokenWeightedCELoss": "loss_weight"}
+# Losses that need a mixture-of-experts model: on the dense demo model the build is refused.
+MOE_ONLY = {"RouterAuxLoss", "RouterZLoss"}
 
 # User losses with a planted bug each, written to a module on sys.path so that configs can
 # name them by dotted path, as a user's own loss would be.
@@ -167,8 +169,14 @@ def built_in_params() -> list:
 
 
 @pytest.mark.parametrize("name", built_in_params())
-def test_every_built_in_loss(name, tmp_path, demo_assets):
+def test_every_built_in_loss(name, tmp_path, demo_assets, capsys):
     options = [f"model.loss.type={name}"]
+    if name in MOE_ONLY:
+        argv = [CONFIG, "--out", str(tmp_path / "out"), "--cfg-options", *SMALL, *options]
+        assert check_loss.main(argv) != 0
+        captured = capsys.readouterr()
+        assert "not a mixture-of-experts model" in captured.out + captured.err
+        return
     if name == "KDLoss":
         # A teacher of another size with the same tokenizer (vocabulary).
         options += [

@@ -13,7 +13,7 @@ from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from .losses import LossConfigError
+from .losses import LossConfigError, OutputHead, build_output_head
 from .losses.preference import (
     DPO_LOSS_TYPES,
     REF_FIELD,
@@ -23,7 +23,6 @@ from .losses.preference import (
 )
 from .preference import PreferenceFinetune
 from .sft import SupervisedFinetune, shift_labels
-from .utils import resolve_head
 
 
 def dpo_loss_config(
@@ -155,12 +154,12 @@ class DPO(PreferenceFinetune):
         return super()._apply(fn, recurse)
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator[tuple[nn.Module, nn.Module]]:
+    def reference(self) -> Iterator[tuple[nn.Module, OutputHead]]:
         """(backbone, output head) of the reference model, for the duration of the block."""
         if self.ref_llm is not None:
             ref = self.ref_llm
             backbone = getattr(ref, ref.base_model_prefix, None) or ref.get_decoder()
-            yield backbone, resolve_head(ref.get_output_embeddings())
+            yield backbone, build_output_head(ref)
             return
         if not self.use_lora:
             raise RuntimeError(
@@ -180,7 +179,10 @@ class DPO(PreferenceFinetune):
         chunk = max((p.chunk_size for p in preference_losses(self.loss)), default=256)
         with self.reference() as (backbone, head):
             hidden = backbone(**inputs, use_cache=False).last_hidden_state
-            sums, _, _ = sequence_logps(hidden, head.weight, head.bias, labels, seq, n_seqs, chunk)
+            with head.materialized() as (weight, bias):
+                sums, _, _ = sequence_logps(
+                    hidden, weight, bias, labels, seq, n_seqs, chunk, head.transform
+                )
         return sums.detach()
 
     def loss_batch(self, data: dict) -> dict:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from xtuner.registry import BUILDER
 
-from .losses import compute_weights
+from .losses import OutputHead, compute_weights
 from .losses.preference import REWARD_LOSS_TYPES
 from .preference import PreferenceFinetune
 
@@ -74,8 +74,19 @@ class RewardModel(PreferenceFinetune):
             # Unused by the reward: frozen, so no rank waits for its gradient.
             lm_head.requires_grad_(False)
 
-    def output_head(self) -> nn.Module:
-        return self.v_head
+    def output_head(self) -> OutputHead:
+        """The scalar value head (``[1, D]``), in the form the loss path reads heads."""
+        return OutputHead(
+            module=self.v_head,
+            weight_fn=lambda: self.v_head.weight,
+            bias_fn=lambda: self.v_head.bias,
+            adapter="reward value head",
+        )
+
+    def _probe_head(self) -> None:
+        """No probe: the value head is this class's own, not the language model's output
+        head whose logits the probe compares (and it does not exist yet when the base class
+        runs the probe)."""
 
     def backbone(self) -> nn.Module:
         # ``AutoModel`` (as XTuner 0.x's POLAR configs build it) is the decoder itself.

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xtuner.tools.utils import UserError, load_config
@@ -178,8 +177,6 @@ def token_losses(loss: nn.Module, ctx, limit: int) -> dict[str, Tensor] | None:
     if not token_members:
         return None
     out: dict[str, list[Tensor]] = {}
-    head_w = ctx.head_weight.detach().float()
-    head_b = None if ctx.head_bias is None else ctx.head_bias.detach().float()
     with torch.no_grad():
         for member in token_members:
             weights = ctx.weights[member.token_weight_key]
@@ -189,7 +186,7 @@ def token_losses(loss: nn.Module, ctx, limit: int) -> dict[str, Tensor] | None:
             extras = {k: v[valid][:limit] for k, v in ctx.extras.items()}
             for start in range(0, hidden.shape[0], TOKEN_CHUNK):
                 part = slice(start, start + TOKEN_CHUNK)
-                logits = F.linear(hidden[part].float(), head_w, head_b)
+                logits = ctx.head_logits(hidden[part]).float()
                 values, _ = member.loss_and_grad(
                     logits, targets[part], {k: v[part] for k, v in extras.items()}, weights[part]
                 )
@@ -940,7 +937,7 @@ def check(args: argparse.Namespace) -> dict:
         "ab": None,
         "files": [],
     }
-    vocab = model.output_head().weight.shape[0]
+    vocab = model.output_head().vocab_size
     first = batches[0].get("data", batches[0])
     if hasattr(model, "loss_batch"):  # fields the model adds for its loss (DPO: ref_logps)
         with torch.no_grad():

@@ -54,6 +54,7 @@ from .base import (
     check_targets,
 )
 from .functional import softmax_, target_grad_
+from .head import LogitTransform
 
 #: the weight keys of preference terms (per-token markers made by the model).
 PAIRS, SEQUENCES, CHOSEN_TOKENS = "pairs", "sequences", "chosen_tokens"
@@ -204,18 +205,28 @@ def sequence_logps(
     seq: Tensor,
     n_seqs: int,
     chunk_size: int = 256,
+    transform: LogitTransform | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Summed target log-probabilities per sequence, for this shard's tokens.
 
     Args:
+        hidden: ``[B, S, D]`` final hidden states; with ``weight=None`` (the model's own
+            logits, ``head='model'``) the logits ``[B, S, V]`` themselves.
         seq: ``[B, S]`` sequence ids of the tokens (:func:`answer_index`).
+        transform: the head's post-processing of its logits (soft cap, multipliers). A head
+            with one gets its logits all at once (exact, not memory-saving).
 
     Returns:
         (``[n_seqs]`` sums of log-probs, ``[n_seqs]`` target-token counts, ``[n]`` the
         per-token log-probs of the valid tokens, in order).
     """
     valid = labels != IGNORE_INDEX
-    logps = chunked_target_logps(hidden[valid], weight, bias, labels[valid], chunk_size)
+    if weight is None or (transform is not None and not transform.is_identity):
+        logits = hidden[valid] if weight is None else F.linear(hidden[valid], weight, bias)
+        logits = (logits if transform is None else transform(logits)).float()
+        logps = logits.log_softmax(-1).gather(1, labels[valid][:, None]).squeeze(1)
+    else:
+        logps = chunked_target_logps(hidden[valid], weight, bias, labels[valid], chunk_size)
     ids = seq[valid]
     sums = torch.zeros(n_seqs, dtype=logps.dtype, device=logps.device).index_add(0, ids, logps)
     counts = torch.zeros(n_seqs, dtype=logps.dtype, device=logps.device)
@@ -360,6 +371,7 @@ class PreferenceLoss(BaseLoss):
                 seq,
                 n_seqs,
                 self.chunk_size,
+                ctx.logit_transform,
             )
             sums = sp_all_reduce_sum_with_grad(sums)
             counts = sp_all_reduce_sum_with_grad(counts.detach())
