@@ -251,12 +251,19 @@ def test_factory_accepts_plain_dict():
         (dict(SYSTEM="{system}"), "'INSTRUCTION'"),
         (dict(SYSTEM="{system}", INSTRUCTION="no placeholder"), "{input}"),
         (dict(SYSTEM="plain", INSTRUCTION="{input}"), "{system}"),
-        ("qwen_chat", "must be a dict"),
+        (["qwen_chat"], "must be a dict"),
     ],
 )
 def test_factory_rejects_broken_templates(template, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         template_map_fn_factory(template)
+
+
+def test_factory_takes_a_template_name():
+    by_name = template_map_fn_factory("qwen_chat").keywords["template"]
+    assert by_name == PROMPT_TEMPLATE.qwen_chat
+    with pytest.raises(KeyError, match="Did you mean 'qwen_chat'"):
+        template_map_fn_factory("qwen_chta")
 
 
 def test_template_map_fn_needs_conversation():

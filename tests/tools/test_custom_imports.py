@@ -153,11 +153,3 @@ def test_missing_module_names_it_and_the_folders(layout):
     assert "custom_imports could not import 'my_parts'" in message, message
     assert str(root / "config_dir") in message and str(root / "elsewhere") in message
     assert "Traceback" not in message
-
-
-def test_unknown_template_name_is_refused():
-    from xtuner.dataset.map_fns import template_map_fn_factory
-
-    with pytest.raises(KeyError, match="Did you mean 'qwen_chat'"):
-        template_map_fn_factory("qwen_chta")
-    assert template_map_fn_factory("vicuna").keywords["template"]["INSTRUCTION"].startswith("USER:")

@@ -206,6 +206,7 @@ class LLaVAModel(SupervisedFinetune):
         self.use_visual_encoder_lora = visual_encoder_lora is not None
         if self.use_visual_encoder_lora:
             self._prepare_visual_encoder_lora(visual_encoder_lora)
+        self._freeze_unreachable_vision_params()
         self.use_activation_checkpointing = use_activation_checkpointing
         if use_activation_checkpointing:
             self.gradient_checkpointing_enable()
@@ -235,6 +236,53 @@ class LLaVAModel(SupervisedFinetune):
         if getattr(lora, "target_modules", None) is None:
             lora.target_modules = find_all_linear_names(self.visual_encoder)
         self.visual_encoder = get_peft_model(self.visual_encoder, lora)
+
+    def _freeze_unreachable_vision_params(self) -> list[str]:
+        """Freezes the vision encoder's parameters that cannot reach the image features.
+
+        The features are the hidden states after layer ``visual_select_layer`` (by default
+        the second to last), so the layers after it, and the pooled output's norm and head,
+        take no part in the loss. Left trainable (their LoRA adapters, or the whole encoder
+        when it is trained), they would never get a gradient: DDP stops at the second
+        iteration ("parameters that were not used in producing loss") and the optimizer
+        carries dead state. Applies to encoders with HF's ``encoder.layers`` layout (CLIP,
+        SigLIP, ...); others are left as they are.
+
+        Returns:
+            The names of the parameters frozen.
+        """
+        base = self.base_visual_encoder
+        found = next(
+            (
+                (name, module)
+                for name, module in base.named_modules()
+                if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList)
+            ),
+            None,
+        )
+        if found is None:
+            return []
+        prefix, layers = found
+        # hidden_states holds the embeddings, then the output of each of the n layers.
+        first_unused = self.visual_select_layer % (len(layers) + 1)
+        root = prefix[: -len("encoder.layers")]
+        dead = [f"{prefix}.{i}." for i in range(first_unused, len(layers))]
+        dead += [f"{root}post_layernorm.", f"{root}head."]
+        frozen = [
+            name
+            for name, p in base.named_parameters()
+            if p.requires_grad and name.startswith(tuple(dead))
+        ]
+        for name, p in base.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        if frozen:
+            print_log(
+                f"froze {len(frozen)} vision-encoder parameters after visual_select_layer="
+                f"{self.visual_select_layer} (they cannot reach the image features)",
+                logger="current",
+            )
+        return frozen
 
     def load_pretrained(self, path: str) -> None:
         """Loads the weights an earlier stage saved (projector, adapters, unfrozen parts)."""
@@ -309,7 +357,9 @@ class LLaVAModel(SupervisedFinetune):
         Sample ``b`` uses its first ``k_b`` images, ``k_b`` being its number of image tokens
         (text-only samples may carry a placeholder image, which is skipped). When no sample
         of the batch uses an image, one image still runs through the vision side with weight
-        zero, so every trainable parameter takes part in backward (DDP, ZeRO).
+        zero (or, with no image in the batch at all, the vision side's trainable parameters
+        join with weight zero), so every trainable parameter takes part in backward on every
+        rank (DDP, ZeRO).
         """
         counts = splice.images_per_row.tolist()
         per_sample = images_per_sample(data.get("pixel_values"), splice.batch_size)
@@ -325,10 +375,22 @@ class LLaVAModel(SupervisedFinetune):
                 used.append(images[:k])
         if used:
             return self.encode_images(torch.cat(used)), None
-        spare = next((images for images in per_sample if images is not None), None)
-        if spare is None or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return None, None
-        return None, self.encode_images(spare[:1]).sum() * 0
+        spare = next((images for images in per_sample if images is not None), None)
+        if spare is not None:
+            return None, self.encode_images(spare[:1]).sum() * 0
+        # No image at all (text-only samples without a placeholder image): the vision side's
+        # trainable parameters join backward directly, with a zero gradient.
+        params = [
+            p
+            for module in (self.visual_encoder, self.projector)
+            for p in module.parameters()
+            if p.requires_grad
+        ]
+        if not params:
+            return None, None
+        return None, sum(p.reshape(-1)[:1].sum() for p in params) * 0
 
     def prepare_inputs(self, data: dict) -> tuple[dict[str, Tensor | None], dict]:
         """Merges images into the text.
