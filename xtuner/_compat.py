@@ -9,8 +9,8 @@ and is idempotent. Every fix has a test in ``tests/test_compat.py`` that fails w
    :func:`trust_checkpoint_path` and loaded with ``weights_only=False``; any other path keeps
    torch's safe default.
 2. Distributed on CPU: ``mmengine.dist`` calls ``torch.cuda.set_device`` unconditionally and
-   asks for NCCL; ``Runner.wrap_model`` passes ``device_ids`` to DDP. Without CUDA we use
-   gloo, skip ``set_device`` and drop ``device_ids``.
+   asks for NCCL (torchrun and slurm launchers); ``Runner.wrap_model`` passes ``device_ids``
+   to DDP. Without CUDA we use gloo, skip ``set_device`` and drop ``device_ids``.
 3. deepspeed >= 0.19 removed ``deepspeed.runtime.fp16.onebit``, which mmengine's DeepSpeed
    strategy imports: an import hook serves a stand-in module only when the real one is
    missing (its optimizers raise a clear error if a config asks for them).
@@ -79,6 +79,27 @@ def _init_dist_pytorch_cpu_aware(backend="nccl", init_backend="torch", **kwargs)
         dist.init_process_group(backend="gloo", **kwargs)
 
 
+def _init_dist_slurm_cpu_aware(backend="nccl", port=None, init_backend="torch", **kwargs) -> None:
+    """mmengine's slurm set-up (ranks from ``SLURM_*``) without its CUDA calls on CPU."""
+    if torch.cuda.is_available():
+        return _ORIGINAL["init_dist_slurm"](backend, port, init_backend=init_backend, **kwargs)
+    import subprocess
+
+    rank = int(os.environ["SLURM_PROCID"])
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if port is not None:
+        os.environ["MASTER_PORT"] = str(port)
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ["SLURM_NODELIST"]
+        os.environ["MASTER_ADDR"] = subprocess.getoutput(
+            f"scontrol show hostname {nodes} | head -n1"
+        ).strip()
+    return _init_dist_pytorch_cpu_aware(backend, init_backend=init_backend, **kwargs)
+
+
 _ORIGINAL: dict = {}
 
 
@@ -87,7 +108,9 @@ def _patch_dist() -> None:
     from mmengine.model.wrappers.distributed import MMDistributedDataParallel
 
     _ORIGINAL.setdefault("init_dist_pytorch", dist_utils._init_dist_pytorch)
+    _ORIGINAL.setdefault("init_dist_slurm", dist_utils._init_dist_slurm)
     dist_utils._init_dist_pytorch = _init_dist_pytorch_cpu_aware
+    dist_utils._init_dist_slurm = _init_dist_slurm_cpu_aware
 
     original_init = MMDistributedDataParallel.__init__
     if getattr(original_init, "_xtuner_cpu_aware", False):

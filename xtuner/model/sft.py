@@ -8,11 +8,19 @@ from typing import Any
 
 import torch
 from mmengine.config import Config, ConfigDict
+from mmengine.dist import is_main_process
 from mmengine.logging import MessageHub, print_log
 from mmengine.model import BaseModel
 from torch import Tensor, nn
 
 from xtuner.parallel.sequence import get_sequence_parallel_world_size
+from xtuner.parallel.zero import (
+    check_whole,
+    consolidated_state_dict,
+    full_shape,
+    is_partitioned,
+    register_external_parameters,
+)
 from xtuner.registry import BUILDER
 from xtuner.utils.constants import IGNORE_INDEX
 
@@ -116,12 +124,12 @@ class SupervisedFinetune(BaseModel):
     def _resize_embeddings(self, tokenizer: Any) -> None:
         if isinstance(tokenizer, (dict, ConfigDict)):
             tokenizer = BUILDER.build(tokenizer)
-        current = self.llm.get_input_embeddings().weight.shape[0]
+        current = full_shape(self.llm.get_input_embeddings().weight)[0]
         if len(tokenizer) > current:
             self.llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
             print_log(
                 f"resized token embeddings from {current} to "
-                f"{self.llm.get_input_embeddings().weight.shape[0]}",
+                f"{full_shape(self.llm.get_input_embeddings().weight)[0]}",
                 logger="current",
             )
 
@@ -248,17 +256,23 @@ class SupervisedFinetune(BaseModel):
             )
         hidden = self.backbone()(**inputs, use_cache=False).last_hidden_state
         head = self.output_head()
+        bias = getattr(head, "bias", None)
+        # ZeRO-3 gathers a parameter around the forward (and backward) of the module it is
+        # registered with; the loss reads the head's weight outside the head's forward, so
+        # it is registered with this model, whose forward contains the loss.
+        register_external_parameters(self, [head.weight, bias])
         ctx = LossContext(
             hidden_states=hidden,
             head_weight=head.weight,
-            head_bias=getattr(head, "bias", None),
+            head_bias=bias,
             labels=labels,
             weights=weights,
             extras=extras,
             batch=data,
             iteration=_current_iteration(),
         )
-        return finalize_loss(self.loss(ctx), weights, data.get("loss_denominator"))
+        output = self.loss(ctx)
+        return finalize_loss(output, weights, data.get("loss_denominator"))
 
     def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-token targets and the loss's per-token weights (whole sequences, unsplit)."""
@@ -294,13 +308,30 @@ class SupervisedFinetune(BaseModel):
         save_pretrained_kwargs: dict | None = None,
         **kwargs,
     ) -> None:
-        """Saves the model (or the LoRA adapter) in HF format, with the tokenizer if known."""
+        """Saves the model (or the LoRA adapter) in HF format, with the tokenizer if known.
+
+        Under ZeRO-3 every rank must call it: the weights are gathered module by module and
+        rank 0 writes them. It raises rather than write a tensor that is not whole.
+        """
         kwargs_ = dict(save_pretrained_kwargs or {})
+        state = None
+        if any(is_partitioned(p) for p in self.parameters()):
+            state = {k.removeprefix("llm."): v for k, v in consolidated_state_dict(self).items()}
+        if not is_main_process():
+            return
         llm = self.llm
+        if state is not None:
+            check_whole(state, llm)
+            kwargs_["state_dict"] = state
         if not fp32 and not self.use_lora:
             dtype = torch.bfloat16 if _bf16_ok() else torch.float16
             print_log(f"saving the model in {dtype} (pass fp32=True to keep fp32)", "current")
-            llm = llm.to(dtype)
+            if state is None:
+                llm = llm.to(dtype)
+            else:
+                kwargs_["state_dict"] = {
+                    k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
+                }
         llm.config.use_cache = True
         llm.save_pretrained(save_dir, **kwargs_)
         tokenizer = cfg.get("tokenizer") if cfg is not None else None

@@ -24,7 +24,7 @@ from mmengine.registry import LOOPS
 from mmengine.runner import IterBasedTrainLoop
 from torch.utils.data import DataLoader
 
-from xtuner.parallel.comm import all_reduce_sum, world_size
+from xtuner.parallel.comm import all_reduce_sum, token_weighted_mean, world_size
 from xtuner.parallel.sequence import get_sequence_parallel_world_size
 
 NORMALIZATIONS = ("global", "micro_batch")
@@ -134,6 +134,16 @@ class TrainLoop(IterBasedTrainLoop):
         self.runner.call_hook("after_train_epoch")
         self.runner.call_hook("after_train")
         return self.runner.model
+
+    def run_iter(self, data_batch) -> None:
+        """One iteration; the logged values are those of the whole global batch."""
+        self.runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
+        outputs = self.runner.model.train_step(data_batch, optim_wrapper=self.runner.optim_wrapper)
+        outputs = token_weighted_mean(outputs, get_sequence_parallel_world_size())
+        self.runner.call_hook(
+            "after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs
+        )
+        self._iter += 1
 
     # global normalisation ------------------------------------------------------------------
     def _next_batch(self):
