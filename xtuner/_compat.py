@@ -20,6 +20,10 @@ and is idempotent. Every fix has a test in ``tests/test_compat.py`` that fails w
    (and flash attention) for what the machine has, with a one-line warning each.
 6. ``IterBasedTrainLoop`` sleeps 2 s whenever its dataloader restarts an epoch:
    :class:`xtuner.engine.runner.TrainLoop` iterates without that sleep.
+7. ``CheckpointHook`` deletes the oldest checkpoint before writing the new one and writes
+   in place: a crash during a save could leave ``last_checkpoint`` on a broken checkpoint
+   and no good one. Saves go to a temporary name, are renamed when complete, the pointer is
+   replaced atomically, and old checkpoints are removed last.
 """
 
 from __future__ import annotations
@@ -245,8 +249,76 @@ def adapt_config_to_device(cfg) -> list[str]:
     return changes
 
 
+# 7. checkpoints written atomically ----------------------------------------------------------
+def _save_checkpoint_with_step(self, runner, step, meta) -> None:
+    """``CheckpointHook``'s save, in an order that a crash at any point cannot break.
+
+    mmengine deletes the oldest checkpoint *before* writing the new one, writes the new one
+    in place and then rewrites ``last_checkpoint``. Here the checkpoint (a file, or the
+    folder of every rank's DeepSpeed files) goes under a temporary name and is renamed into
+    place when complete, ``last_checkpoint`` is replaced atomically after that, and only then
+    is the oldest checkpoint beyond ``max_keep_ckpts`` removed.
+    """
+    from mmengine.dist import barrier, is_main_process
+
+    name = self.filename_tmpl.format(step)
+    final = osp.join(self.out_dir, name)
+    partial = osp.join(self.out_dir, f".{name}.partial")
+    if is_main_process():
+        _remove(partial)  # left by a run that died while writing it
+    barrier()
+    runner.save_checkpoint(
+        self.out_dir,
+        osp.basename(partial),
+        self.file_client_args,
+        save_optimizer=self.save_optimizer,
+        save_param_scheduler=self.save_param_scheduler,
+        meta=meta,
+        by_epoch=self.by_epoch,
+        backend_args=self.backend_args,
+        **self.args,
+    )
+    barrier()  # every rank's part of a DeepSpeed checkpoint is on disk
+    self.last_ckpt = final
+    runner.message_hub.update_info("last_ckpt", final)
+    old = []
+    if self.max_keep_ckpts > 0 and (not self.keep_ckpt_ids or self.keep_ckpt_ids[-1] != step):
+        # (keep_ckpt_ids may be a deque with maxlen: pop before appending)
+        while len(self.keep_ckpt_ids) >= self.max_keep_ckpts:
+            gone = self.filename_tmpl.format(self.keep_ckpt_ids.popleft())
+            old.append(osp.join(self.out_dir, gone))
+        self.keep_ckpt_ids.append(step)
+        runner.message_hub.update_info("keep_ckpt_ids", list(self.keep_ckpt_ids))
+    if is_main_process():
+        _remove(final)
+        os.replace(partial, final)
+        pointer = osp.join(runner.work_dir, "last_checkpoint")
+        with open(pointer + ".partial", "w", encoding="utf-8") as f:
+            f.write(final)
+        os.replace(pointer + ".partial", pointer)
+        for path in old:
+            if path != final:
+                _remove(path)
+    barrier()
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    if osp.isdir(path):
+        shutil.rmtree(path)
+    elif osp.exists(path):
+        os.remove(path)
+
+
+def _patch_checkpoint_hook() -> None:
+    from mmengine.hooks import CheckpointHook
+
+    CheckpointHook._save_checkpoint_with_step = _save_checkpoint_with_step
+
+
 def apply_patches() -> None:
-    """Applies fixes 1-4 (5 and 6 act where configs are read and loops run)."""
+    """Applies fixes 1-4 and 7 (5 and 6 act where configs are read and loops run)."""
     global _APPLIED
     if _APPLIED:
         return
@@ -254,4 +326,5 @@ def apply_patches() -> None:
     _patch_pkg_resources()
     _patch_checkpoint_loader()
     _patch_dist()
+    _patch_checkpoint_hook()
     _APPLIED = True
