@@ -22,7 +22,7 @@ def _train_with_nan_on_rank_1(rank: int, policy: str) -> list[list[float]]:
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    history = []
+    history, skipped = [], []
     for step in range(3):
         x = torch.full((2, 4), float(rank + step + 1))
         value = model(x).pow(2).sum()
@@ -31,12 +31,14 @@ def _train_with_nan_on_rank_1(rank: int, policy: str) -> list[list[float]]:
         anchor = sum(p.reshape(-1)[:1].sum() * 0 for p in model.parameters())
         term = LossTerm(value, nonfinite=policy)
         output = LossOutput(terms={"ce": term}, iteration=step, anchor=anchor)
-        loss = finalize_loss(output, {"token": torch.ones(2)})["loss"]
+        result = finalize_loss(output, {"token": torch.ones(2)})
+        loss = result["loss"]
+        skipped.append(bool(result.get("nonfinite_skipped", False)))
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(model.module.weight.detach().flatten().tolist())
-    return history
+    return history + [skipped]
 
 
 def main(out_dir: str) -> None:

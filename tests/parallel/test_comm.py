@@ -48,6 +48,7 @@ def test_nonfinite_is_decided_on_every_rank_alike(results):
     skip0, skip1 = results[0]["skip"], results[1]["skip"]
     assert skip0 == skip1
     assert skip0[1] == skip0[0] and skip0[2] != skip0[1]
+    assert skip0[3] == [False, True, False]  # the step TrainLoop counts (max_nonfinite_skips)
 
 
 @pytest.mark.multiproc

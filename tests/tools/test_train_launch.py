@@ -40,14 +40,17 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple
     return [(p.wait(timeout=timeout), p.stderr.read()) for p in procs]
 
 
-def test_nnodes_without_address_is_refused(tmp_path, demo_assets):
-    cfg = write_config(tmp_path, demo_assets, max_iters=2, param_scheduler=CONSTANT_LR)
-    out = run_xtuner("train", cfg, env={"NNODES": "2", "NODE_RANK": "0", "ADDR": ""})
-    assert out.returncode == 2
-    assert "NNODES=2 needs ADDR and PORT" in out.stderr
+def test_nnodes_without_address_is_refused(monkeypatch, capsys):
+    from xtuner.entry_point import cli
+
+    for key, value in dict(NNODES="2", NODE_RANK="0", ADDR="", PORT="29500").items():
+        monkeypatch.setenv(key, value)
+    assert cli(["train", "some_config.py"]) == 2
+    assert "NNODES=2 needs ADDR and PORT" in capsys.readouterr().err
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_slurm_launcher_in_a_faked_srun_environment(tmp_path, demo_assets):
     cfg = write_config(
         tmp_path, demo_assets, max_iters=2, save_steps=2, param_scheduler=CONSTANT_LR
@@ -82,7 +85,7 @@ def test_slurm_launcher_in_a_faked_srun_environment(tmp_path, demo_assets):
     with open(log, encoding="utf-8") as f:
         text = f.read()
     assert "Distributed launcher: slurm" in text and "Distributed training: True" in text
-    assert "world_size: 2" in text or "GPU number: 2" in text or "rank: 0" in text
+    assert "GPU number: 2" in text  # mmengine's name for the world size
     assert len(losses_of(work)) == 2
     assert osp.isfile(osp.join(work, "iter_2.pth"))
 

@@ -271,8 +271,7 @@ class SupervisedFinetune(BaseModel):
             batch=data,
             iteration=_current_iteration(),
         )
-        output = self.loss(ctx)
-        return finalize_loss(output, weights, data.get("loss_denominator"))
+        return finalize_loss(self.loss(ctx), weights, data.get("loss_denominator"))
 
     def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-token targets and the loss's per-token weights (whole sequences, unsplit)."""

@@ -27,6 +27,9 @@ from xtuner.parallel.sequence import get_sequence_parallel_world_size
 
 from .base import LossOutput
 
+#: output key of a step that dropped non-finite terms (``nonfinite='skip'``).
+SKIPPED_KEY = "nonfinite_skipped"
+
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     # A shard or a whole batch with no valid token contributes 0 (never 0/0).
@@ -83,6 +86,8 @@ def finalize_loss(
         else:
             result[key] = value.detach() + (grads[key] - grads[key].detach())
     result.update(_metrics(output))
+    if dropped:  # counted by TrainLoop (max_nonfinite_skips); the same on every rank
+        result[SKIPPED_KEY] = torch.ones(())
     return result
 
 
