@@ -170,8 +170,11 @@ def _checkpoint_hook(work_dir: str, max_keep: int):
     from mmengine.hooks import CheckpointHook
 
     hook = CheckpointHook(interval=1, by_epoch=False, max_keep_ckpts=max_keep)
+    from mmengine.fileio import get_file_backend
+
     hook.out_dir = work_dir
-    hook.keep_ckpt_ids = deque([], max_keep)  # as mmengine's before_train makes it
+    hook.file_backend = get_file_backend(work_dir)  # as mmengine's before_train makes them
+    hook.keep_ckpt_ids = deque([], max_keep)
     return hook
 
 
