@@ -17,6 +17,7 @@ from PIL import Image
 import xtuner.model.losses  # noqa: F401 - registers the built-in losses
 from xtuner.configs import cfgs_name_path
 from xtuner.entry_point import cli
+from xtuner.model.losses import PreferenceLoss
 from xtuner.registry import LOSSES
 from xtuner.tools import check_loss
 from xtuner.tools.plot_log import figure_size
@@ -157,7 +158,9 @@ STOP_GRADIENT = {"DFTLoss"}
 
 
 def built_in_params() -> list:
-    names = sorted(set(LOSSES.module_dict) - {"CompositeLoss"})
+    # Preference losses need preference data: tests/tools/test_train_preference.py checks them.
+    preference = {n for n, cls in LOSSES.module_dict.items() if issubclass(cls, PreferenceLoss)}
+    names = sorted(set(LOSSES.module_dict) - {"CompositeLoss"} - preference)
     for name in STOP_GRADIENT:
         assert LOSSES.get(name).gradient_matches_value is False, name
     return names

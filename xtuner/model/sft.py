@@ -162,6 +162,14 @@ class SupervisedFinetune(BaseModel):
                     "which the chunked loss does not reproduce yet"
                 )
 
+    def init_weights(self) -> None:
+        """Weights come from the pretrained model: mmengine must not re-initialise them.
+
+        mmengine's ``BaseModule.init_weights`` also takes ``param.mean()`` of every parameter
+        for its log, which fails on the uint8/int8 storage of 4-bit and 8-bit quantised
+        weights (QLoRA).
+        """
+
     def gradient_checkpointing_enable(self) -> None:
         kwargs = {"use_reentrant": False}
         if hasattr(self.base_llm, "activation_checkpointing_enable"):  # transformers >= 5.x

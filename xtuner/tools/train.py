@@ -8,8 +8,6 @@ import json
 import os
 import os.path as osp
 
-from mmengine.logging import print_log
-
 from xtuner._compat import adapt_config_to_device, trust_checkpoint_path
 from xtuner.tools.utils import UserError, add_cfg_options, load_config, run_tool
 
@@ -118,6 +116,8 @@ def deepspeed_config(name_or_path: str, cfg, bf16_supported: bool | None = None)
     for key in ("fp16", "bf16"):
         ds[key]["enabled"] = key == chosen
     if kept or overridden:
+        from mmengine.logging import print_log
+
         lines = []
         if kept:
             lines.append("kept from the JSON: " + ", ".join(kept))
@@ -173,6 +173,7 @@ _HF_DEEPSPEED_CONFIG = None
 
 def _use_deepspeed(cfg, name_or_path: str) -> None:
     import torch
+    from mmengine.logging import print_log
 
     global _HF_DEEPSPEED_CONFIG
     ds = deepspeed_config(name_or_path, cfg)
@@ -190,7 +191,11 @@ def _use_deepspeed(cfg, name_or_path: str) -> None:
         fp16=ds["fp16"],
         bf16=ds["bf16"],
     )
-    cfg.optim_wrapper = dict(type="DeepSpeedOptimWrapper", optimizer=cfg.optim_wrapper.optimizer)
+    import xtuner.engine.optim  # noqa: F401  (registers DeepSpeedGradNormOptimWrapper)
+
+    cfg.optim_wrapper = dict(
+        type="DeepSpeedGradNormOptimWrapper", optimizer=cfg.optim_wrapper.optimizer
+    )
     cfg.runner_type = "FlexibleRunner"
     if ds.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -214,6 +219,8 @@ def _free_port() -> int:
 
 
 def build_runner(args):
+    from mmengine.logging import print_log
+
     cfg = load_config(args.config, args.cfg_options)
     for change in adapt_config_to_device(cfg):
         print_log(change, "current", level=30)
@@ -252,6 +259,7 @@ def build_runner(args):
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        # Arguments first: a mistyped flag is reported before mmengine and torch load.
         args = parse_args(argv)
         runner, sp = build_runner(args)
         from xtuner.parallel.sequence import init_sequence_parallel

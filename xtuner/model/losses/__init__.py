@@ -21,6 +21,7 @@ from .dft import DFTLoss
 from .distill import KDLoss
 from .focal import FocalLoss
 from .normalize import finalize_loss
+from .preference import DPO_LOSS_TYPES, REWARD_LOSS_TYPES, PreferenceLoss, chunked_target_logps
 from .regularizers import EntropyRegularization, ZLoss
 
 __all__ = [
@@ -45,4 +46,8 @@ __all__ = [
     "ZLoss",
     "EntropyRegularization",
     "KDLoss",
+    "PreferenceLoss",
+    "DPO_LOSS_TYPES",
+    "REWARD_LOSS_TYPES",
+    "chunked_target_logps",
 ]

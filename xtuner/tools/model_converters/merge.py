@@ -15,11 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="2GB")
 
     def body() -> int:
+        # Arguments first: a mistyped flag is reported before torch loads.
+        args = parser.parse_args(argv)
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        args = parser.parse_args(argv)
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
         merged.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)

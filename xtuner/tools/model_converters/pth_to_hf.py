@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     add_cfg_options(parser)
 
     def body() -> int:
+        # Arguments first: a mistyped flag is reported before torch loads.
+        args = parser.parse_args(argv)
         from xtuner.model.utils import load_checkpoint_state
         from xtuner.registry import BUILDER
 
-        args = parser.parse_args(argv)
         cfg = load_config(args.config, args.cfg_options)
         model = BUILDER.build(cfg.model)
         try:
