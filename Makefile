@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-all test-fast lint format demo bench clean
+.PHONY: install test test-all test-fast lint format demo bench gpu-check clean
 
 $(STAMP): setup.py requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py --tokens 2048 --vocab 32768 --hidden 2048 --dtype fp32
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_data.py
+
+# On a machine with one CUDA GPU (minutes); prints the table for docs/en/performance.md.
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) work_dirs build *.egg-info

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import os.path as osp
 import subprocess
 import sys
 
@@ -160,6 +162,60 @@ def test_train_loop_restarts_epochs_without_mmengines_sleep():
     for _ in range(2):
         next(theirs)
     assert time.perf_counter() - start >= 2.0  # the sleep the fix avoids
+
+
+def _checkpoint_hook(work_dir: str, max_keep: int):
+    from collections import deque
+
+    from mmengine.hooks import CheckpointHook
+
+    hook = CheckpointHook(interval=1, by_epoch=False, max_keep_ckpts=max_keep)
+    from mmengine.fileio import get_file_backend
+
+    hook.out_dir = work_dir
+    hook.file_backend = get_file_backend(work_dir)  # as mmengine's before_train makes them
+    hook.keep_ckpt_ids = deque([], max_keep)
+    return hook
+
+
+class _Runner:
+    """What CheckpointHook's save uses of a runner; ``crash_at`` dies half-way through a save."""
+
+    def __init__(self, work_dir: str, crash_at: int | None = None):
+        from mmengine.logging import MessageHub
+
+        self.work_dir = work_dir
+        self.crash_at = crash_at
+        self.message_hub = MessageHub.get_instance("test_atomic_checkpoints")
+
+    def save_checkpoint(self, out_dir, filename, *args, meta=None, **kwargs):
+        path = osp.join(out_dir, filename)
+        with open(path, "w") as f:
+            f.write("half a checkpoint" if meta["step"] == self.crash_at else "whole")
+        if meta["step"] == self.crash_at:
+            raise KeyboardInterrupt("killed while writing")
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    """A save that dies half-way leaves last_checkpoint on the previous, whole checkpoint,
+    which max_keep_ckpts=1 has not deleted; the next save cleans the partial file up."""
+    _compat.apply_patches()
+    work = str(tmp_path)
+    pointer = tmp_path / "last_checkpoint"
+    hook = _checkpoint_hook(work, max_keep=1)
+    hook._save_checkpoint_with_step(_Runner(work), 1, {"step": 1})
+    assert pointer.read_text() == osp.join(work, "iter_1.pth")
+    with pytest.raises(KeyboardInterrupt):
+        hook._save_checkpoint_with_step(_Runner(work, crash_at=2), 2, {"step": 2})
+    assert pointer.read_text() == osp.join(work, "iter_1.pth")
+    assert (tmp_path / "iter_1.pth").read_text() == "whole"
+    assert not (tmp_path / "iter_2.pth").exists()
+
+    resumed = _checkpoint_hook(work, max_keep=1)
+    resumed.keep_ckpt_ids.append(1)
+    resumed._save_checkpoint_with_step(_Runner(work), 2, {"step": 2})
+    assert pointer.read_text() == osp.join(work, "iter_2.pth")
+    assert sorted(os.listdir(work)) == ["iter_2.pth", "last_checkpoint"]
 
 
 def _modules_after(code: str) -> dict:

@@ -12,8 +12,8 @@ has a test in ``tests/test_compat.py`` that fails without it.
    :func:`trust_checkpoint_path` and loaded with ``weights_only=False``; any other path keeps
    torch's safe default.
 2. Distributed on CPU: ``mmengine.dist`` calls ``torch.cuda.set_device`` unconditionally and
-   asks for NCCL; ``Runner.wrap_model`` passes ``device_ids`` to DDP. Without CUDA we use
-   gloo, skip ``set_device`` and drop ``device_ids``.
+   asks for NCCL (torchrun and slurm launchers); ``Runner.wrap_model`` passes ``device_ids``
+   to DDP. Without CUDA we use gloo, skip ``set_device`` and drop ``device_ids``.
 3. deepspeed >= 0.19 removed ``deepspeed.runtime.fp16.onebit``, which mmengine's DeepSpeed
    strategy imports: an import hook serves a stand-in module only when the real one is
    missing (its optimizers raise a clear error if a config asks for them).
@@ -28,6 +28,10 @@ has a test in ``tests/test_compat.py`` that fails without it.
    imports deepspeed (accelerate's model unwrapping), used or not: 1.5-2.5 s of CPU per
    run. Each import now happens when the run needs it: a DeepSpeed strategy is built, a
    config names a bitsandbytes optimizer by string, a DeepSpeed engine exists.
+8. ``CheckpointHook`` deletes the oldest checkpoint before writing the new one and writes
+   in place: a crash during a save could leave ``last_checkpoint`` on a broken checkpoint
+   and no good one. Saves go to a temporary name, are renamed when complete, the pointer is
+   replaced atomically, and old checkpoints are removed last.
 """
 
 from __future__ import annotations
@@ -91,13 +95,39 @@ def _init_dist_pytorch_cpu_aware(backend="nccl", init_backend="torch", **kwargs)
         dist.init_process_group(backend="gloo", **kwargs)
 
 
+def _init_dist_slurm_cpu_aware(backend="nccl", port=None, init_backend="torch", **kwargs) -> None:
+    """mmengine's slurm set-up (ranks from ``SLURM_*``) without its CUDA calls on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return _ORIGINAL["init_dist_slurm"](backend, port, init_backend=init_backend, **kwargs)
+    import subprocess
+
+    rank = int(os.environ["SLURM_PROCID"])
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if port is not None:
+        os.environ["MASTER_PORT"] = str(port)
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ["SLURM_NODELIST"]
+        os.environ["MASTER_ADDR"] = subprocess.getoutput(
+            f"scontrol show hostname {nodes} | head -n1"
+        ).strip()
+    return _init_dist_pytorch_cpu_aware(backend, init_backend=init_backend, **kwargs)
+
+
 _ORIGINAL: dict = {}
 
 
 def _patch_init_dist(dist_utils: types.ModuleType) -> None:
     if dist_utils._init_dist_pytorch is not _init_dist_pytorch_cpu_aware:
         _ORIGINAL.setdefault("init_dist_pytorch", dist_utils._init_dist_pytorch)
+    if dist_utils._init_dist_slurm is not _init_dist_slurm_cpu_aware:
+        _ORIGINAL.setdefault("init_dist_slurm", dist_utils._init_dist_slurm)
     dist_utils._init_dist_pytorch = _init_dist_pytorch_cpu_aware
+    dist_utils._init_dist_slurm = _init_dist_slurm_cpu_aware
 
 
 def _patch_ddp(wrappers: types.ModuleType) -> None:
@@ -321,8 +351,74 @@ def _defer_bitsandbytes(builder: types.ModuleType) -> Iterator[None]:
     registry.get = get_registering_bitsandbytes
 
 
+# 8. checkpoints written atomically ----------------------------------------------------------
+def _save_checkpoint_with_step(self, runner, step, meta) -> None:
+    """``CheckpointHook``'s save, in an order that a crash at any point cannot break.
+
+    mmengine deletes the oldest checkpoint *before* writing the new one, writes the new one
+    in place and then rewrites ``last_checkpoint``. Here the checkpoint (a file, or the
+    folder of every rank's DeepSpeed files) goes under a temporary name and is renamed into
+    place when complete, ``last_checkpoint`` is replaced atomically after that, and only then
+    is the oldest checkpoint beyond ``max_keep_ckpts`` removed.
+    """
+    from mmengine.dist import barrier, is_main_process
+
+    name = self.filename_tmpl.format(step)
+    final = osp.join(self.out_dir, name)
+    partial = osp.join(self.out_dir, f".{name}.partial")
+    if is_main_process():
+        _remove(partial)  # left by a run that died while writing it
+    barrier()
+    runner.save_checkpoint(
+        self.out_dir,
+        osp.basename(partial),
+        self.file_client_args,
+        save_optimizer=self.save_optimizer,
+        save_param_scheduler=self.save_param_scheduler,
+        meta=meta,
+        by_epoch=self.by_epoch,
+        backend_args=self.backend_args,
+        **self.args,
+    )
+    barrier()  # every rank's part of a DeepSpeed checkpoint is on disk
+    self.last_ckpt = final
+    runner.message_hub.update_info("last_ckpt", final)
+    old = []
+    if self.max_keep_ckpts > 0 and (not self.keep_ckpt_ids or self.keep_ckpt_ids[-1] != step):
+        # (keep_ckpt_ids may be a deque with maxlen: pop before appending)
+        while len(self.keep_ckpt_ids) >= self.max_keep_ckpts:
+            gone = self.filename_tmpl.format(self.keep_ckpt_ids.popleft())
+            old.append(osp.join(self.out_dir, gone))
+        self.keep_ckpt_ids.append(step)
+        runner.message_hub.update_info("keep_ckpt_ids", list(self.keep_ckpt_ids))
+    if is_main_process():
+        _remove(final)
+        os.replace(partial, final)
+        pointer = osp.join(runner.work_dir, "last_checkpoint")
+        with open(pointer + ".partial", "w", encoding="utf-8") as f:
+            f.write(final)
+        os.replace(pointer + ".partial", pointer)
+        for path in old:
+            if path != final:
+                _remove(path)
+    barrier()
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    if osp.isdir(path):
+        shutil.rmtree(path)
+    elif osp.exists(path):
+        os.remove(path)
+
+
+def _patch_checkpoint_hook(checkpoint_hook: types.ModuleType) -> None:
+    checkpoint_hook.CheckpointHook._save_checkpoint_with_step = _save_checkpoint_with_step
+
+
 # applying the fixes -------------------------------------------------------------------------
-#: module -> the fix run right after it is executed (fixes 1, 2, 4 and 7).
+#: module -> the fix run right after it is executed (fixes 1, 2, 4, 7 and 8).
 _AFTER_IMPORT: dict[str, Callable[[types.ModuleType], None]] = {
     "mmengine.runner.checkpoint": _patch_checkpoint_loader,
     "mmengine.dist.utils": _patch_init_dist,
@@ -331,6 +427,7 @@ _AFTER_IMPORT: dict[str, Callable[[types.ModuleType], None]] = {
     "mmengine.utils": _patch_package_lookup,
     "mmengine.config.config": _patch_package_lookup,
     "accelerate.utils.other": _patch_unwrap_model,
+    "mmengine.hooks.checkpoint_hook": _patch_checkpoint_hook,
 }
 #: module -> the context its execution runs in (fix 7's deferred imports).
 _AROUND_IMPORT: dict[str, Callable[[types.ModuleType], contextlib.AbstractContextManager]] = {
@@ -380,7 +477,7 @@ class _PatchOnImportFinder(importlib.abc.MetaPathFinder):
 
 
 def apply_patches() -> None:
-    """Installs fixes 1-4 and 7 (5 and 6 act where configs are read and loops run).
+    """Installs fixes 1-4, 7 and 8 (5 and 6 act where configs are read and loops run).
 
     Modules already imported are fixed now; the others when they are first imported.
     """

@@ -52,6 +52,13 @@ def _help() -> str:
 def _launch_torchrun(argv: list[str]) -> int:
     nnodes = int(os.environ.get("NNODES", 1))
     nproc = int(os.environ.get("NPROC_PER_NODE", 1))
+    if nnodes > 1 and not (os.environ.get("ADDR") and os.environ.get("PORT")):
+        print(
+            f"xtuner train: NNODES={nnodes} needs ADDR and PORT: the address of the node with "
+            "NODE_RANK=0 and a free port there, the same on every node",
+            file=sys.stderr,
+        )
+        return 2
     port = os.environ.get("PORT") or str(random.randint(20000, 29999))
     cmd = [
         sys.executable,

@@ -83,3 +83,18 @@ def test_sequence_parallel_times_accumulation_equal_one_process(accumulation_res
     steps = accumulation_results["sp2_global"]
     assert len(steps) == 1
     assert_grads_equal(accumulation_results["sp2_reference"][0], steps[0])
+
+
+def test_max_nonfinite_skips_stops_the_run():
+    """Skipped iterations (reported by finalize_loss) are counted; one more than allowed
+    raises, naming the iteration and the limit; the flag never reaches the log."""
+    from xtuner.model.losses.normalize import SKIPPED_KEY
+
+    loop = TrainLoop.__new__(TrainLoop)
+    loop.max_nonfinite_skips, loop.nonfinite_skips, loop._iter = 1, 0, 4
+    outputs = {"loss": torch.tensor(1.0), SKIPPED_KEY: torch.ones(())}
+    loop._count_nonfinite_skip(outputs)
+    assert SKIPPED_KEY not in outputs and loop.nonfinite_skips == 1
+    loop._count_nonfinite_skip({"loss": torch.tensor(1.0)})  # a normal step
+    with pytest.raises(FloatingPointError, match=r"2 iterations .*iteration 5.*skips=1"):
+        loop._count_nonfinite_skip({SKIPPED_KEY: torch.ones(())})

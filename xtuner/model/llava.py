@@ -30,7 +30,7 @@ from xtuner.utils.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKE
 
 from .modules.projector import ProjectorConfig, ProjectorModel
 from .sft import SupervisedFinetune, _bf16_ok
-from .utils import LoadWoInit, build_nested, find_all_linear_names
+from .utils import LoadWoInit, build_nested, find_all_linear_names, load_checkpoint_state
 
 #: batch fields that describe the unmerged text layout and are rebuilt (or dropped) by the merge.
 _LAYOUT_FIELDS = ("input_ids", "attention_mask", "position_ids", "cumulative_len", "max_seqlen")
@@ -587,23 +587,6 @@ class LLaVAModel(SupervisedFinetune):
                 num_additional_image_tokens=1,
             ).save_pretrained(save_dir)
         print_log(f"saved LlavaForConditionalGeneration to {save_dir}", "current")
-
-
-def load_checkpoint_state(path: str) -> dict[str, Tensor]:
-    """The model weights of a training checkpoint (``.pth`` file or DeepSpeed folder)."""
-    from xtuner._compat import load_local_checkpoint, trust_checkpoint_path
-
-    if osp.isdir(path):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(path)
-    elif osp.isfile(path):
-        trust_checkpoint_path(path)  # the user named it: mmengine checkpoints need unpickling
-        state = load_local_checkpoint(path, map_location="cpu")
-        state = state.get("state_dict", state)
-    else:
-        raise FileNotFoundError(f"pretrained_pth={path!r}: no such file or folder")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _merged(model: nn.Module) -> nn.Module:

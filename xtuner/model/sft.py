@@ -9,11 +9,19 @@ from typing import Any
 
 import torch
 from mmengine.config import Config, ConfigDict
+from mmengine.dist import is_main_process
 from mmengine.logging import MessageHub, print_log
 from mmengine.model import BaseModel
 from torch import Tensor, nn
 
 from xtuner.parallel.sequence import get_sequence_parallel_world_size
+from xtuner.parallel.zero import (
+    check_whole,
+    consolidated_state_dict,
+    full_shape,
+    is_partitioned,
+    register_external_parameters,
+)
 from xtuner.registry import BUILDER
 from xtuner.utils.constants import IGNORE_INDEX
 
@@ -26,7 +34,7 @@ from .losses import (
     compute_weights,
     finalize_loss,
 )
-from .losses.head import LogitTransform, check_head_equivalence, head_mode, is_partitioned
+from .losses.head import LogitTransform, check_head_equivalence, head_mode, values_elsewhere
 from .losses.router import (
     RouterAuxLoss,
     check_router_model,
@@ -141,12 +149,12 @@ class SupervisedFinetune(BaseModel):
     def _resize_embeddings(self, tokenizer: Any) -> None:
         if isinstance(tokenizer, (dict, ConfigDict)):
             tokenizer = BUILDER.build(tokenizer)
-        current = self.llm.get_input_embeddings().weight.shape[0]
+        current = full_shape(self.llm.get_input_embeddings().weight)[0]
         if len(tokenizer) > current:
             self.llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
             print_log(
                 f"resized token embeddings from {current} to "
-                f"{self.llm.get_input_embeddings().weight.shape[0]}",
+                f"{full_shape(self.llm.get_input_embeddings().weight)[0]}",
                 logger="current",
             )
 
@@ -193,7 +201,7 @@ class SupervisedFinetune(BaseModel):
         """
         head = self.output_head()
         params = list(head.module.parameters())
-        if not params or any(is_partitioned(p) for p in params):
+        if not params or any(values_elsewhere(p) for p in params):
             return
         ids, positions = self._probe_tokens(PROBE_TOKENS)
         with _eval_mode(self.llm):
@@ -216,7 +224,7 @@ class SupervisedFinetune(BaseModel):
         other: the second of two packed documents (positions restarting at 0, no mask) must
         give the logits it gives alone. Remote-code models whose attention ignores
         ``position_ids`` fail here instead of training on leaked context."""
-        if any(is_partitioned(p) for p in self.base_llm.get_input_embeddings().parameters()):
+        if any(values_elsewhere(p) for p in self.base_llm.get_input_embeddings().parameters()):
             return
         ids, positions = self._probe_tokens(2 * PROBE_TOKENS)
         packed_positions = (positions % PROBE_TOKENS).clone()
@@ -351,6 +359,11 @@ class SupervisedFinetune(BaseModel):
             out = self.backbone()(**inputs, use_cache=False)
             hidden, head = out.last_hidden_state, self.output_head()
         router = router_outputs(self.base_llm, out, inputs.get("attention_mask"))
+        if head is not None:
+            # ZeRO-3 gathers a parameter around the forward (and backward) of the module it
+            # is registered with; the loss reads the head's weight outside the head's
+            # forward, so it is registered with this model, whose forward contains the loss.
+            register_external_parameters(self, list(head.module.parameters()))
         with _materialized(head) as (weight, bias):
             ctx = LossContext(
                 hidden_states=hidden,
@@ -409,13 +422,30 @@ class SupervisedFinetune(BaseModel):
         save_pretrained_kwargs: dict | None = None,
         **kwargs,
     ) -> None:
-        """Saves the model (or the LoRA adapter) in HF format, with the tokenizer if known."""
+        """Saves the model (or the LoRA adapter) in HF format, with the tokenizer if known.
+
+        Under ZeRO-3 every rank must call it: the weights are gathered module by module and
+        rank 0 writes them. It raises rather than write a tensor that is not whole.
+        """
         kwargs_ = dict(save_pretrained_kwargs or {})
+        state = None
+        if any(is_partitioned(p) for p in self.parameters()):
+            state = {k.removeprefix("llm."): v for k, v in consolidated_state_dict(self).items()}
+        if not is_main_process():
+            return
         llm = self.llm
+        if state is not None:
+            check_whole(state, llm)
+            kwargs_["state_dict"] = state
         if not fp32 and not self.use_lora:
             dtype = torch.bfloat16 if _bf16_ok() else torch.float16
             print_log(f"saving the model in {dtype} (pass fp32=True to keep fp32)", "current")
-            llm = llm.to(dtype)
+            if state is None:
+                llm = llm.to(dtype)
+            else:
+                kwargs_["state_dict"] = {
+                    k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
+                }
         llm.config.use_cache = True
         llm.save_pretrained(save_dir, **kwargs_)
         tokenizer = cfg.get("tokenizer") if cfg is not None else None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import math
+import os.path as osp
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from mmengine.config import ConfigDict
 from mmengine.logging import print_log
-from torch import nn
+from torch import Tensor, nn
 
 from xtuner.registry import BUILDER
 
@@ -139,3 +141,41 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
     names.discard("lm_head")
     names.discard("output")
     return sorted(names)
+
+
+def load_checkpoint_state(path: str) -> dict[str, Tensor]:
+    """The model weights (fp32, whole) of a training checkpoint.
+
+    Args:
+        path: an mmengine ``.pth`` file, or a DeepSpeed checkpoint folder of any ZeRO stage
+            (what ``--deepspeed`` training writes as ``iter_N.pth/``; its partitions are
+            merged by DeepSpeed's ``zero_to_fp32``). Frozen weights that the checkpoint
+            leaves out (LoRA's base model) are absent from the result.
+
+    Returns:
+        Parameter name (as in the trained model, without ``module.``) -> tensor.
+
+    Raises:
+        FileNotFoundError: ``path`` is neither a file nor a DeepSpeed checkpoint folder.
+    """
+    from xtuner._compat import load_local_checkpoint, trust_checkpoint_path
+
+    path = osp.abspath(path)
+    if osp.isdir(path):
+        if not glob.glob(osp.join(path, "*model_states.pt")):
+            raise FileNotFoundError(
+                f"{path} is a folder without DeepSpeed '*model_states.pt' files: give the "
+                "checkpoint folder itself (e.g. work_dir/iter_500.pth)"
+            )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        trust_checkpoint_path(path)  # the user named it: DeepSpeed's files need unpickling
+        # mmengine saves without DeepSpeed's 'latest' file: the folder name is the tag.
+        state = get_fp32_state_dict_from_zero_checkpoint(osp.dirname(path), tag=osp.basename(path))
+    elif osp.isfile(path):
+        trust_checkpoint_path(path)
+        state = load_local_checkpoint(path, map_location="cpu")
+        state = state.get("state_dict", state)
+    else:
+        raise FileNotFoundError(f"checkpoint {path}: no such file or folder")
+    return {k.removeprefix("module."): v for k, v in state.items()}

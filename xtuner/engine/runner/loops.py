@@ -24,7 +24,8 @@ from mmengine.registry import LOOPS
 from mmengine.runner import IterBasedTrainLoop
 from torch.utils.data import DataLoader
 
-from xtuner.parallel.comm import all_reduce_sum, world_size
+from xtuner.model.losses.normalize import SKIPPED_KEY
+from xtuner.parallel.comm import all_reduce_sum, token_weighted_mean, world_size
 from xtuner.parallel.sequence import get_sequence_parallel_world_size
 
 NORMALIZATIONS = ("global", "micro_batch")
@@ -68,6 +69,9 @@ class TrainLoop(IterBasedTrainLoop):
         max_epochs: total epochs (may be fractional). Exactly one of the two.
         loss_normalization: ``'global'`` (default; the rule above) or ``'micro_batch'``
             (each micro-batch's own token mean, as upstream XTuner: identical curves).
+        max_nonfinite_skips: with a loss's ``nonfinite='skip'``, stop once more than this
+            many iterations skipped a NaN/Inf term (None: never). Every rank skips the same
+            iterations, so every rank stops at the same one.
         **kwargs: ``val_begin``, ``val_interval``, ``dynamic_intervals``.
     """
 
@@ -78,6 +82,7 @@ class TrainLoop(IterBasedTrainLoop):
         max_iters: int | None = None,
         max_epochs: int | float | None = None,
         loss_normalization: str = "global",
+        max_nonfinite_skips: int | None = None,
         **kwargs,
     ):
         if (max_iters is None) == (max_epochs is None):
@@ -106,6 +111,8 @@ class TrainLoop(IterBasedTrainLoop):
         super().__init__(runner, dataloader, max_iters=int(max_iters), **kwargs)
         self.dataloader_iterator = _EpochIterator(self.dataloader)
         self.loss_normalization = loss_normalization
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.nonfinite_skips = 0
         self._window: deque = deque()
 
     @property
@@ -134,6 +141,30 @@ class TrainLoop(IterBasedTrainLoop):
         self.runner.call_hook("after_train_epoch")
         self.runner.call_hook("after_train")
         return self.runner.model
+
+    def run_iter(self, data_batch) -> None:
+        """One iteration; the logged values are those of the whole global batch."""
+        self.runner.call_hook("before_train_iter", batch_idx=self._iter, data_batch=data_batch)
+        outputs = self.runner.model.train_step(data_batch, optim_wrapper=self.runner.optim_wrapper)
+        self._count_nonfinite_skip(outputs)
+        outputs = token_weighted_mean(outputs, get_sequence_parallel_world_size())
+        self.runner.call_hook(
+            "after_train_iter", batch_idx=self._iter, data_batch=data_batch, outputs=outputs
+        )
+        self._iter += 1
+
+    def _count_nonfinite_skip(self, outputs: dict) -> None:
+        if not outputs.pop(SKIPPED_KEY, None):
+            return
+        self.nonfinite_skips += 1
+        limit = self.max_nonfinite_skips
+        if limit is not None and self.nonfinite_skips > limit:
+            raise FloatingPointError(
+                f"TrainLoop: {self.nonfinite_skips} iterations skipped a NaN/Inf loss term (the "
+                f"last: iteration {self._iter + 1}), more than train_cfg.max_nonfinite_skips="
+                f"{limit}. Check the data and the learning rate (the warnings above name each "
+                "term and rank)."
+            )
 
     # global normalisation ------------------------------------------------------------------
     def _next_batch(self):

@@ -19,7 +19,8 @@ module's class name, or a config ``model_type`` (looked up in that order; ``'def
 otherwise). A user registers one for a model of their own::
 
     from xtuner.model.losses.head import OutputHead, linear_head
-    from xtuner.registry import HEAD_ADAPTERS
+    from xtuner.parallel.zero import is_partitioned
+from xtuner.registry import HEAD_ADAPTERS
 
     @HEAD_ADAPTERS.register_module(name="MyModelForCausalLM")
     def my_head(model):
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xtuner.parallel.zero import is_partitioned
 from xtuner.registry import HEAD_ADAPTERS
 
 from .functional import scratch
@@ -297,9 +299,9 @@ def check_head_equivalence(
     )
 
 
-def is_partitioned(tensor: Tensor) -> bool:
+def values_elsewhere(tensor: Tensor) -> bool:
     """Whether a parameter's values are not on this process (ZeRO-3 shard or meta)."""
-    return hasattr(tensor, "ds_id") or tensor.is_meta or tensor.numel() == 0
+    return is_partitioned(tensor) or tensor.is_meta or tensor.numel() == 0
 
 
 # Built-in adapters --------------------------------------------------------------------------

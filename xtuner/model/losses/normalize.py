@@ -23,10 +23,13 @@ import torch
 from mmengine.logging import print_log
 from torch import Tensor
 
-from xtuner.parallel.comm import sp_all_reduce_sum
+from xtuner.parallel.comm import nonfinite_ranks, sp_all_reduce_sum, world_size
 from xtuner.parallel.sequence import get_sequence_parallel_world_size
 
 from .base import LossOutput
+
+#: output key of a step that dropped non-finite terms (``nonfinite='skip'``).
+SKIPPED_KEY = "nonfinite_skipped"
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -94,6 +97,8 @@ def finalize_loss(
         else:
             result[key] = value.detach() + (grads[key] - grads[key].detach())
     result.update(_metrics(output))
+    if dropped:  # counted by TrainLoop (max_nonfinite_skips); the same on every rank
+        result[SKIPPED_KEY] = torch.ones(())
     return result
 
 
@@ -101,14 +106,18 @@ def _nonfinite_terms(output: LossOutput, shown: dict[str, Tensor]) -> set[str]:
     """Keys of the terms to drop this step; raises for a bad term whose policy is 'raise'."""
     if not shown:
         return set()
-    finite = torch.stack([v.detach().float() for v in shown.values()]).isfinite().tolist()
+    # Decided on every rank's values, so that all ranks raise or skip the same terms.
+    ranks = nonfinite_ranks(torch.stack([v.detach().float() for v in shown.values()]))
     keys = list(shown)
     names = dict(zip(keys, output.terms))
-    bad = [key for key, ok in zip(keys, finite) if not ok]
+    bad = [key for key, where in zip(keys, ranks) if where]
     if not bad:
         return set()
     at = "" if output.iteration is None else f" at iteration {output.iteration}"
     described = ", ".join(f"'{key}' = {float(shown[key])}" for key in bad)
+    if world_size() > 1:
+        where = dict(zip(keys, ranks))
+        described = ", ".join(f"'{key}' (not finite on rank(s) {where[key]})" for key in bad)
     raising = [key for key in bad if output.terms[names[key]].nonfinite in (None, "raise")]
     if raising:
         raise FloatingPointError(

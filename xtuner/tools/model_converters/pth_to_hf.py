@@ -1,6 +1,7 @@
 """``xtuner convert pth_to_hf CONFIG PTH SAVE_DIR``: a training checkpoint to an HF model.
 
-PTH is an mmengine checkpoint file (``iter_N.pth``) or a DeepSpeed checkpoint folder. With
+PTH is an mmengine checkpoint file (``iter_N.pth``) or the DeepSpeed checkpoint folder of any
+ZeRO stage (``iter_N.pth/``; its partitions are merged with DeepSpeed's ``zero_to_fp32``). With
 LoRA the adapter is saved (merge it with ``xtuner convert merge``); LLaVA models take
 ``--save-format xtuner|huggingface``.
 """
@@ -8,28 +9,8 @@ LoRA the adapter is saved (merge it with ``xtuner convert merge``); LLaVA models
 from __future__ import annotations
 
 import argparse
-import glob
-import os.path as osp
 
-from xtuner._compat import trust_checkpoint_path
 from xtuner.tools.utils import UserError, add_cfg_options, load_config, run_tool
-
-
-def load_state_dict(path: str) -> dict:
-    """The model weights of an mmengine ``.pth`` file or a DeepSpeed checkpoint folder."""
-    import torch
-
-    trust_checkpoint_path(path)
-    if osp.isdir(path):
-        files = sorted(glob.glob(osp.join(path, "**", "*model_states.pt"), recursive=True))
-        if not files:
-            raise UserError(f"{path} is a folder without a DeepSpeed '*model_states.pt' file")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
-        return state.get("module", state)
-    if not osp.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state.get("state_dict", state)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         # Arguments first: a mistyped flag is reported before torch loads.
         args = parser.parse_args(argv)
+        from xtuner.model.utils import load_checkpoint_state
         from xtuner.registry import BUILDER
 
         cfg = load_config(args.config, args.cfg_options)
         model = BUILDER.build(cfg.model)
-        state = load_state_dict(args.pth_model)
+        try:
+            state = load_checkpoint_state(args.pth_model)
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from exc
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise UserError(

@@ -1,0 +1,47 @@
+"""tools/gpu_check.py on a machine without CUDA: it says so and exits 0; its table and its
+handling of skipped and failing checks (the GPU checks themselves run on a GPU only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), "tools", "gpu_check.py"
+)
+_spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_check"] = gpu_check  # its dataclass looks its module up
+_spec.loader.exec_module(gpu_check)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the checks would run")
+def test_without_cuda_it_reports_and_exits_0():
+    out = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no CUDA device here" in out.stdout
+
+
+def test_checks_are_skipped_failed_or_ok_and_tabulated(monkeypatch, tmp_path):
+    def missing(tmp):
+        gpu_check._need("no_such_module_xyz", "no-such-wheel")
+
+    def broken(tmp):
+        raise ValueError("values differ\nsecond line")
+
+    def fine(tmp):
+        return "all equal\n\n| a | b |\n|---|---|"
+
+    monkeypatch.setattr(gpu_check, "CHECKS", {"missing": missing, "broken": broken, "fine": fine})
+    results = gpu_check.run_checks(["missing", "broken", "fine"], str(tmp_path))
+    assert [r.status for r in results] == ["skipped", "FAIL", "ok"]
+    assert "pip install no-such-wheel" in results[0].detail
+    table = gpu_check.summary(results, "a GPU")
+    assert "| missing | skipped | needs no-such-wheel (pip install no-such-wheel) |" in table
+    assert "| broken | FAIL | ValueError: values differ |" in table
+    assert table.rstrip().endswith("fine:\n| a | b |\n|---|---|")
