@@ -53,10 +53,12 @@ def write_config(
     return str(path)
 
 
-def run_xtuner(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+def run_xtuner(*args, env=None, timeout=600, input=None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "xtuner.entry_point", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, input=input
+    )
 
 
 def losses_of(work_dir: str) -> list[float]:
