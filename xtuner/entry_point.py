@@ -16,7 +16,10 @@ import sys
 MODES = {
     "train": ("xtuner.tools.train", "train a model from a config (path or bundled name)"),
     "chat": ("xtuner.tools.chat", "chat with a model in the terminal, or answer a prompts file"),
-    "convert": ("xtuner.tools.model_converters", "pth_to_hf | merge: checkpoints to HF models"),
+    "convert": (
+        "xtuner.tools.model_converters",
+        "pth_to_hf | merge | split: checkpoints to HF models",
+    ),
     "list-cfg": ("xtuner.tools.list_cfg", "list the bundled configs [-p PATTERN]"),
     "copy-cfg": ("xtuner.tools.copy_cfg", "copy a bundled config: copy-cfg NAME DIR"),
     "log-dataset": ("xtuner.tools.log_dataset", "show processed samples of a config's data"),

@@ -1,12 +1,12 @@
-"""``xtuner convert pth_to_hf|merge``: turn training checkpoints into HF models."""
+"""``xtuner convert pth_to_hf|merge|split``: training checkpoints to HF models, and back."""
 
 from __future__ import annotations
 
 import sys
 
-from . import merge, pth_to_hf
+from . import merge, pth_to_hf, split
 
-COMMANDS = {"pth_to_hf": pth_to_hf, "merge": merge}
+COMMANDS = {"pth_to_hf": pth_to_hf, "merge": merge, "split": split}
 
 
 def main(argv: list[str] | None = None) -> int:
