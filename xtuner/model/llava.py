@@ -265,9 +265,6 @@ class LLaVAModel(SupervisedFinetune):
         super().gradient_checkpointing_disable()
         self.base_visual_encoder.activation_checkpointing_disable()
 
-    def init_weights(self) -> None:
-        """Weights come from the pretrained models (mmengine must not re-initialise them)."""
-
     # parts -----------------------------------------------------------------------------------
     @property
     def base_visual_encoder(self) -> nn.Module:

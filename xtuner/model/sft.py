@@ -113,6 +113,10 @@ class SupervisedFinetune(BaseModel):
         with LoadWoInit():
             return build_nested(cfg)
 
+    def init_weights(self) -> None:
+        """Weights come from the pretrained model: mmengine must not re-initialise them (its
+        default also averages every parameter for its log, which fails on 4-bit weights)."""
+
     def _resize_embeddings(self, tokenizer: Any) -> None:
         if isinstance(tokenizer, (dict, ConfigDict)):
             tokenizer = BUILDER.build(tokenizer)
