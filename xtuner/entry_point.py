@@ -27,6 +27,10 @@ MODES = {
         "xtuner.tools.check_custom_dataset",
         "report every problem of a config's data in one pass",
     ),
+    "process_untokenized_datasets": (
+        "xtuner.tools.process_untokenized_datasets",
+        "tokenise a config's training data once, offline (--save-folder DIR)",
+    ),
     "list-dataset-format": ("xtuner.tools.list_dataset_format", "list the data map functions"),
     "check-loss": (
         "xtuner.tools.check_loss",

@@ -332,3 +332,15 @@ def test_docs_config_list_is_the_generated_one():
         assert config_list.render(CONFIG_DIR, lang) in text, (
             f"docs/{lang}/configs.md is out of date: run python tools/config_list.py"
         )
+
+
+def test_list_cfg_and_copy_cfg_find_the_bundled_configs(tmp_path, capsys):
+    from xtuner.entry_point import cli
+
+    assert cli(["list-cfg", "-p", "qwen3_8b"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == sorted(n for n in cfgs_name_path if "qwen3_8b" in n) and len(listed) == 5
+    assert cli(["copy-cfg", "qwen3_8b_qlora_alpaca_e3", str(tmp_path)]) == 0
+    copied = tmp_path / "qwen3_8b_qlora_alpaca_e3_copy.py"
+    with open(cfgs_name_path["qwen3_8b_qlora_alpaca_e3"], encoding="utf-8") as f:
+        assert copied.read_text() == f.read()
