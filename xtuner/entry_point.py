@@ -16,6 +16,7 @@ import sys
 MODES = {
     "train": ("xtuner.tools.train", "train a model from a config (path or bundled name)"),
     "chat": ("xtuner.tools.chat", "chat with a model in the terminal, or answer a prompts file"),
+    "test": ("xtuner.tools.test", "evaluate a checkpoint with the config's test set and metric"),
     "convert": (
         "xtuner.tools.model_converters",
         "pth_to_hf | merge | split: checkpoints to HF models",

@@ -140,10 +140,10 @@ def test_interactive_session_streams_under_a_pseudo_terminal(chain_model):
     proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, env=env)
     os.close(follower)
     try:
-        _read_until(leader, b">>> ", 120)
+        _read_until(leader, b">>> ", 300)  # generous: the start is slow on a loaded machine
         os.write(leader, b"say the\n\n")
-        chunks = _read_until(leader, b"the the the the the the the the the the\r\n", 60)
-        _read_until(leader, b">>> ", 30)
+        chunks = _read_until(leader, b"the the the the the the the the the the\r\n", 120)
+        _read_until(leader, b">>> ", 120)
         os.write(leader, b"EXIT\n")
         assert proc.wait(timeout=60) == 0
     finally:
