@@ -17,6 +17,7 @@ MODES = {
     "train": ("xtuner.tools.train", "train a model from a config (path or bundled name)"),
     "chat": ("xtuner.tools.chat", "chat with a model in the terminal, or answer a prompts file"),
     "test": ("xtuner.tools.test", "evaluate a checkpoint with the config's test set and metric"),
+    "mmbench": ("xtuner.tools.mmbench", "answer an MMBench TSV with a LLaVA model"),
     "convert": (
         "xtuner.tools.model_converters",
         "pth_to_hf | merge | split: checkpoints to HF models",

@@ -264,12 +264,17 @@ def test_module_imports_nothing_heavy_at_top_level():
     assert "--prompt-template" in chat.build_parser().format_help()
 
 
-def test_llava_folder_answers_about_the_image(capsys, monkeypatch, tmp_path, demo_assets):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
+def tiny_llava(tmp_path, demo_assets, llm_lora: bool = True):
+    """A random tiny LLaVA (demo LLM, with LoRA unless told not, tiny CLIP) saved in the
+    xtuner format.
 
-    from xtuner.demo.llava import build_tiny_clip, draw_shape
+    Returns:
+        ``(llava_dir, clip_dir, model)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from xtuner.demo.llava import build_tiny_clip
     from xtuner.model import LLaVAModel
-    from xtuner.utils import IMAGE_TOKEN_INDEX
 
     clip = str(tmp_path / "clip")
     build_tiny_clip(clip)
@@ -280,17 +285,29 @@ def test_llava_folder_answers_about_the_image(capsys, monkeypatch, tmp_path, dem
         pretrained_model_name_or_path=demo_assets["model"],
         dtype=torch.float32,
     )
+    encoder = dict(
+        type="transformers.CLIPVisionModel.from_pretrained", pretrained_model_name_or_path=clip
+    )
     model = LLaVAModel(
         llm=llm,
-        visual_encoder=dict(
-            type="transformers.CLIPVisionModel.from_pretrained", pretrained_model_name_or_path=clip
-        ),
+        visual_encoder=encoder,
+        freeze_llm=not llm_lora,
         freeze_visual_encoder=True,
-        llm_lora=lora,
+        llm_lora=lora if llm_lora else None,
         use_activation_checkpointing=False,
     ).eval()
     llava = str(tmp_path / "llava")
     model.to_hf(None, llava, fp32=True, save_format="xtuner")
+    return llava, clip, model
+
+
+def test_llava_folder_answers_about_the_image(capsys, monkeypatch, tmp_path, demo_assets):
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from xtuner.demo.llava import draw_shape
+    from xtuner.utils import IMAGE_TOKEN_INDEX
+
+    llava, clip, model = tiny_llava(tmp_path, demo_assets)
     draw_shape("green", "circle", (32, 32)).save(tmp_path / "green.png")
 
     args = [demo_assets["model"], "--llava", llava, "--visual-encoder", clip]
