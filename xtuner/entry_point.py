@@ -33,6 +33,10 @@ MODES = {
         "xtuner.tools.process_untokenized_datasets",
         "tokenise a config's training data once, offline (--save-folder DIR)",
     ),
+    "process_untokenized_llava_data": (
+        "xtuner.tools.process_untokenized_llava_data",
+        "tokenise a LLaVA config's conversations once, offline (--save-folder DIR)",
+    ),
     "list-dataset-format": ("xtuner.tools.list_dataset_format", "list the data map functions"),
     "check-loss": (
         "xtuner.tools.check_loss",

@@ -57,3 +57,43 @@ def test_pretokenised_data_equals_on_the_fly_processing(tmp_path, demo_assets, c
     # A second run does not overwrite the folder.
     assert cli(["process_untokenized_datasets", cfg_path, "--save-folder", folder]) == 1
     assert "exists; give a new folder" in capsys.readouterr().err
+
+
+def test_pretokenised_llava_text_gives_the_same_samples(tmp_path, capsys, monkeypatch):
+    import copy
+
+    import torch
+
+    monkeypatch.setenv("XTUNER_DATASET_CACHE", "none")
+    name = "llava_tiny_llama_tiny_clip_lora_e10_cpu_finetune"
+    folder = str(tmp_path / "llava_text")
+    assert cli(["process_untokenized_llava_data", name, "--save-folder", folder]) == 0
+    assert "saved the text of 16 samples" in capsys.readouterr().out
+
+    from xtuner.configs import cfgs_name_path
+
+    dataset_cfg = Config.fromfile(cfgs_name_path[name]).train_dataloader.dataset
+    offline_cfg = copy.deepcopy(dataset_cfg)
+    offline_cfg.offline_processed_text_folder = folder
+    offline_cfg.data_path = None
+    on_the_fly, offline = BUILDER.build(dataset_cfg), BUILDER.build(offline_cfg)
+    assert len(offline) == len(on_the_fly) == 16
+    assert offline.modality_length == on_the_fly.modality_length
+    for i in range(len(offline)):
+        ours, theirs = offline[i], on_the_fly[i]
+        assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+        assert torch.equal(ours["pixel_values"], theirs["pixel_values"]), i
+
+    # A text-only config is refused, naming what the tool handles.
+    assert (
+        cli(
+            [
+                "process_untokenized_llava_data",
+                "demo_tiny_llama_full_alpaca",
+                "--save-folder",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 1
+    )
+    assert "pre-tokenises LLaVADataset data sets only" in capsys.readouterr().err

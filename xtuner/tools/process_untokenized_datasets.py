@@ -30,19 +30,23 @@ from xtuner.tools.utils import UserError, add_cfg_options, load_config, run_tool
 PROG = "xtuner process_untokenized_datasets"
 
 
-def _dataset_config(cfg):
+def dataset_config(cfg, kind: str):
+    """The config's ``train_dataloader.dataset``, checked to be built by ``kind``."""
     dataset = cfg.get("train_dataloader", {}).get("dataset")
     if dataset is None:
         raise UserError("the config has no train_dataloader.dataset")
-    fn = dataset.get("type")
-    if getattr(fn, "__name__", fn) != "process_hf_dataset":
+    name = getattr(dataset.get("type"), "__name__", dataset.get("type"))
+    if name != kind:
         raise UserError(
-            f"train_dataloader.dataset has type {getattr(fn, '__name__', fn)!r}; this tool "
-            "pre-tokenises process_hf_dataset data sets only"
+            f"train_dataloader.dataset has type {name!r}; this tool pre-tokenises {kind} "
+            "data sets only"
         )
-    if dataset.get("do_dataset_tokenization") is False:
-        raise UserError("train_dataloader.dataset is already tokenised (do_dataset_tokenization)")
     return dataset
+
+
+def check_save_folder(path: str) -> None:
+    if osp.exists(path):
+        raise UserError(f"--save-folder {path} exists; give a new folder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from xtuner.dataset import process_hf_dataset
 
-        if osp.exists(args.save_folder):
-            raise UserError(f"--save-folder {args.save_folder} exists; give a new folder")
-        dataset_cfg = _dataset_config(load_config(args.config, args.cfg_options))
+        check_save_folder(args.save_folder)
+        dataset_cfg = dataset_config(
+            load_config(args.config, args.cfg_options), "process_hf_dataset"
+        )
+        if dataset_cfg.get("do_dataset_tokenization") is False:
+            raise UserError(
+                "train_dataloader.dataset is already tokenised (do_dataset_tokenization)"
+            )
         options = {k: v for k, v in dataset_cfg.items() if k != "type"}
         options.update(pack_to_max_length=False, use_varlen_attn=False, remove_unused_columns=True)
         dataset = process_hf_dataset(**options)
