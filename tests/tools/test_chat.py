@@ -185,7 +185,7 @@ def _lora_on_head(base: str, save_dir: str, hidden: int | None = None) -> dict:
     return {p: v for k, v in state.items() for p in k.split(".") if p.startswith("lora_")}
 
 
-def test_adapter_is_applied_and_4bit_loads(capsys, monkeypatch, tmp_path, chain_model):
+def test_adapter_is_applied_and_4bit_and_8bit_load(capsys, monkeypatch, tmp_path, chain_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = str(tmp_path / "adapter")
@@ -217,6 +217,11 @@ def test_adapter_is_applied_and_4bit_loads(capsys, monkeypatch, tmp_path, chain_
         capsys, monkeypatch, chain_model, "--bits", "4", *args, stdin="Reverse the word."
     )
     assert "14 linear layers in 4-bit" in answer["stderr"]
+    assert answer["answer"] == ANSWER
+    answer = _chat(
+        capsys, monkeypatch, chain_model, "--bits", "8", *args, stdin="Reverse the word."
+    )
+    assert "14 linear layers in 8-bit" in answer["stderr"]
     assert answer["answer"] == ANSWER
 
 
