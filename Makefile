@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-all test-fast lint format demo bench clean
 
 $(STAMP): setup.py requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ $(STAMP): setup.py requirements/*.txt
 
 install: $(STAMP)
 
+# CI's suite: everything but the long corners marked slow_all (test-all runs those too).
 test: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow_all" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow and not multiproc" tests
+	$(PY) -m pytest -q -ra -m "not slow and not multiproc and not slow_all" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

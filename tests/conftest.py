@@ -28,3 +28,25 @@ def tokenizer(demo_assets):
 @pytest.fixture(scope="session")
 def tiny_llama_path(demo_assets) -> str:
     return demo_assets["model"]
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model_path(demo_assets, tmp_path_factory) -> str:
+    """The tiny Llama with a tokenizer that has a (ChatML) chat template, as chat models do
+    (the preference data is rendered with the tokenizer's chat template)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("chat_model") / "model")
+    shutil.copytree(demo_assets["model"], path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path

@@ -160,3 +160,83 @@ def test_train_loop_restarts_epochs_without_mmengines_sleep():
     for _ in range(2):
         next(theirs)
     assert time.perf_counter() - start >= 2.0  # the sleep the fix avoids
+
+
+def _modules_after(code: str) -> dict:
+    """Runs ``code`` in a fresh interpreter; it prints one JSON line last."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return __import__("json").loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_runner_defers_deepspeed_and_bitsandbytes_until_used():
+    """mmengine imports both with every runner import; with the fix each comes when used."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("bitsandbytes")
+    seen = _modules_after(
+        "import json, sys\n"
+        "import torch\n"
+        "import xtuner\n"
+        "from mmengine.runner import FlexibleRunner, Runner\n"
+        "from accelerate.utils import extract_model_from_parallel\n"
+        "from mmengine.registry import OPTIMIZERS\n"
+        "seen = {}\n"
+        "loaded = lambda: sorted(m for m in ('deepspeed', 'bitsandbytes') if m in sys.modules)\n"
+        "seen['runner'] = loaded()\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "assert extract_model_from_parallel(model) is model  # what save_pretrained calls\n"
+        "seen['unwrap'] = loaded()\n"
+        "seen['adamw'] = OPTIMIZERS.get('AdamW').__module__\n"
+        "seen['bnb'] = OPTIMIZERS.get('PagedAdamW8bit').__module__\n"
+        "seen['bnb_loaded'] = loaded()\n"
+        "from mmengine._strategy import DeepSpeedStrategy\n"
+        "DeepSpeedStrategy(config=dict(train_micro_batch_size_per_gpu=1))\n"
+        "seen['strategy'] = loaded()\n"
+        "seen['fused_adam'] = 'FusedAdam' in OPTIMIZERS\n"
+        "print(json.dumps(seen))\n"
+    )
+    assert seen["runner"] == [] and seen["unwrap"] == []
+    assert seen["adamw"].startswith("torch.optim")
+    assert seen["bnb"].startswith("bitsandbytes") and seen["bnb_loaded"] == ["bitsandbytes"]
+    assert seen["strategy"] == ["bitsandbytes", "deepspeed"] and seen["fused_adam"]
+    unpatched = _modules_after(
+        "import json, sys\n"
+        "from mmengine.runner import Runner\n"
+        "print(json.dumps(sorted(m for m in ('deepspeed', 'bitsandbytes') if m in sys.modules)))\n"
+    )
+    assert unpatched == ["bitsandbytes", "deepspeed"]  # what the fix is for
+
+
+def test_unpatched_model_unwrapping_imports_deepspeed():
+    pytest.importorskip("deepspeed")
+    unpatched = _modules_after(
+        "import sys, torch\n"
+        "from accelerate.utils import extract_model_from_parallel\n"
+        "extract_model_from_parallel(torch.nn.Linear(2, 2))\n"
+        "print(str('deepspeed' in sys.modules).lower())\n"
+    )
+    assert unpatched is True  # every HF save_pretrained would import it
+
+
+def test_fixes_apply_when_mmengine_is_imported_after_xtuner():
+    """``import xtuner`` imports no mmengine; the import hook fixes each module as it loads
+    (the in-process tests above cover mmengine imported first)."""
+    seen = _modules_after(
+        "import json, sys\n"
+        "import xtuner\n"
+        "from xtuner import _compat\n"
+        "before = 'mmengine' in sys.modules or 'torch' in sys.modules\n"
+        "import mmengine.config.config as config_mod\n"
+        "import mmengine.dist.utils as dist_utils\n"
+        "import mmengine.utils.package_utils as pkg_utils\n"
+        "from mmengine.model.wrappers import MMDistributedDataParallel\n"
+        "from mmengine.runner.checkpoint import CheckpointLoader\n"
+        "print(json.dumps([before,\n"
+        "    pkg_utils.is_installed is _compat.is_installed,\n"
+        "    config_mod.get_installed_path is _compat.get_installed_path,\n"
+        "    dist_utils._init_dist_pytorch is _compat._init_dist_pytorch_cpu_aware,\n"
+        "    getattr(MMDistributedDataParallel.__init__, '_xtuner_cpu_aware', False),\n"
+        "    CheckpointLoader._schemes[''] is _compat.load_local_checkpoint]))\n"
+    )
+    assert seen == [False, True, True, True, True, True]

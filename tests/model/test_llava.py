@@ -451,3 +451,27 @@ def test_sequence_parallel_2_equals_1(tmp_path):
             torch.testing.assert_close(
                 r["sp_grads"][key], ref, rtol=1e-4, atol=atol, msg=f"{name} {key}"
             )
+
+
+def test_kd_teacher_sees_the_text_tokens(tiny_llama_path, clip_path):
+    from xtuner.model.sft import shift_labels
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
+    model = build(tiny_llama_path, clip_path, loss=dict(type="KDLoss", teacher=teacher))
+    data = batch()
+    _, merged = model.prepare_inputs(data)
+    labels = shift_labels(merged["labels"], merged["position_ids"])
+    hidden = model.loss.extra_inputs(merged, labels)[model.loss.teacher_key]
+    for b in range(len(data["input_ids"])):
+        keep = data["attention_mask"][b] & (data["input_ids"][b] != IMAGE_TOKEN_INDEX)
+        text, text_labels = data["input_ids"][b][keep], data["labels"][b][keep]
+        with torch.no_grad():
+            want = teacher.model(input_ids=text[None]).last_hidden_state[0]
+        # The targets in the merged order are those of the text alone, in the same order.
+        targets_text = (text_labels[1:] != IGNORE_INDEX).nonzero().squeeze(1)
+        valid = labels[b] != IGNORE_INDEX
+        assert labels[b][valid].tolist() == text_labels[1:][targets_text].tolist()
+        torch.testing.assert_close(hidden[b][valid], want[targets_text], rtol=1e-5, atol=1e-6)
+    out = model(data, mode="loss")
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()

@@ -179,3 +179,24 @@ def test_missing_model_path_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SupervisedFinetune(llm_cfg(str(tmp_path / "nope")))
+
+
+def test_skipped_step_gives_zero_gradients_without_nan(tiny_llama_path):
+    # An Inf inside the backbone: every later activation is non-finite, so a zero that
+    # back-propagated through them would give NaN gradients (0 * inf).
+    model = SupervisedFinetune(
+        llm_cfg(tiny_llama_path, torch_dtype=torch.float32),
+        use_activation_checkpointing=False,
+        loss=dict(type="CrossEntropyLoss", nonfinite="skip"),
+    )
+
+    def plant_inf(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[0, 8, 0] = float("inf")
+
+    model.backbone().layers[0].register_forward_hook(plant_inf)
+    out = model(batch(), mode="loss")
+    assert out["loss"].item() == 0.0
+    out["loss"].backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and bool((param.grad == 0).all()), name

@@ -115,19 +115,31 @@ def test_stop_words_from_the_command_line(capsys, monkeypatch, chain_model):
     assert (answer["answer"], answer["stopped_by"]) == ("planet", "word numbers")
 
 
-def _read_until(fd: int, marker: bytes, timeout: float) -> list[bytes]:
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout  # immune to wall-clock steps
-    while marker not in b"".join(chunks):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {marker!r} in time; got {b''.join(chunks)[-2000:]!r}")
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunks.append(os.read(fd, 4096))
-            except OSError:  # the child closed the terminal
-                break
-    return chunks
+class _Terminal:
+    """Reads a pseudo-terminal; ``wait_for`` finds markers in order, so output that arrives
+    together with an earlier marker (e.g. the next prompt right after a reply) is not lost."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.chunks: list[bytes] = []
+        self.seen = 0
+
+    def wait_for(self, marker: bytes, timeout: float) -> None:
+        deadline = time.monotonic() + timeout  # immune to wall-clock steps
+        while True:
+            text = b"".join(self.chunks)
+            found = text.find(marker, self.seen)
+            if found >= 0:
+                self.seen = found + len(marker)
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {marker!r} in time; got {text[-2000:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    self.chunks.append(os.read(self.fd, 4096))
+                except OSError as exc:  # the child closed the terminal
+                    raise AssertionError(f"terminal closed before {marker!r}: {text!r}") from exc
 
 
 def test_interactive_session_streams_under_a_pseudo_terminal(chain_model):
@@ -139,17 +151,19 @@ def test_interactive_session_streams_under_a_pseudo_terminal(chain_model):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, env=env)
     os.close(follower)
+    terminal = _Terminal(leader)
     try:
-        _read_until(leader, b">>> ", 300)  # generous: the start is slow on a loaded machine
+        terminal.wait_for(b">>> ", 300)  # generous: the start is slow on a loaded machine
         os.write(leader, b"say the\n\n")
-        chunks = _read_until(leader, b"the the the the the the the the the the\r\n", 120)
-        _read_until(leader, b">>> ", 120)
+        terminal.wait_for(b"the the the the the the the the the the\r\n", 120)
+        terminal.wait_for(b">>> ", 120)
         os.write(leader, b"EXIT\n")
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
         os.close(leader)
-    reply = b"".join(chunks).decode().split("say the", 1)[1]
+    chunks = terminal.chunks
+    reply = b"".join(chunks).decode().split("say the", 1)[1].split(">>> ")[0]
     assert reply.count(" the") == 60
     echo = next(i for i, c in enumerate(chunks) if b"say the" in c)
     answer_chunks = [c for c in chunks[echo + 1 :] if b" the" in c]

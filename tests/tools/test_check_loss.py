@@ -17,6 +17,7 @@ from PIL import Image
 import xtuner.model.losses  # noqa: F401 - registers the built-in losses
 from xtuner.configs import cfgs_name_path
 from xtuner.entry_point import cli
+from xtuner.model.losses import PreferenceLoss
 from xtuner.registry import LOSSES
 from xtuner.tools import check_loss
 from xtuner.tools.plot_log import figure_size
@@ -28,6 +29,8 @@ SMALL = ["train_dataloader.dataset.max_length=160", "train_dataloader.batch_size
 STEPS = 2
 # What the demo data cannot give a loss (the check must say so and fail).
 DATA_LACKS = {"TokenWeightedCELoss": "loss_weight"}
+# Losses that need a mixture-of-experts model: on the dense demo model the build is refused.
+MOE_ONLY = {"RouterAuxLoss", "RouterZLoss"}
 
 # User losses with a planted bug each, written to a module on sys.path so that configs can
 # name them by dotted path, as a user's own loss would be.
@@ -157,15 +160,23 @@ STOP_GRADIENT = {"DFTLoss"}
 
 
 def built_in_params() -> list:
-    names = sorted(set(LOSSES.module_dict) - {"CompositeLoss"})
+    # Preference losses need preference data: tests/tools/test_train_preference.py checks them.
+    preference = {n for n, cls in LOSSES.module_dict.items() if issubclass(cls, PreferenceLoss)}
+    names = sorted(set(LOSSES.module_dict) - {"CompositeLoss"} - preference)
     for name in STOP_GRADIENT:
         assert LOSSES.get(name).gradient_matches_value is False, name
     return names
 
 
 @pytest.mark.parametrize("name", built_in_params())
-def test_every_built_in_loss(name, tmp_path, demo_assets):
+def test_every_built_in_loss(name, tmp_path, demo_assets, capsys):
     options = [f"model.loss.type={name}"]
+    if name in MOE_ONLY:
+        argv = [CONFIG, "--out", str(tmp_path / "out"), "--cfg-options", *SMALL, *options]
+        assert check_loss.main(argv) != 0
+        captured = capsys.readouterr()
+        assert "not a mixture-of-experts model" in captured.out + captured.err
+        return
     if name == "KDLoss":
         # A teacher of another size with the same tokenizer (vocabulary).
         options += [

@@ -34,6 +34,9 @@ def write_config(
     loss="",
     use_varlen_attn=False,
     param_scheduler=WARMUP_COSINE,
+    torch_dtype="torch.float32",
+    quantization="",
+    header="",
 ) -> str:
     with open(osp.join(HERE, "upstream_style_config.py.tmpl"), encoding="utf-8") as f:
         text = f.read()
@@ -47,17 +50,20 @@ def write_config(
         loss=loss,
         use_varlen_attn=use_varlen_attn,
         param_scheduler=param_scheduler,
+        torch_dtype=torch_dtype,
+        quantization=quantization,
+        header=header,
     )
     path = tmp_path / name
     path.write_text(text)
     return str(path)
 
 
-def run_xtuner(*args, env=None, timeout=600, input=None) -> subprocess.CompletedProcess:
+def run_xtuner(*args, env=None, timeout=600, cwd=None, input=None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "xtuner.entry_point", *args]
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, input=input
+        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd, input=input
     )
 
 

@@ -11,6 +11,7 @@ import os.path as osp
 import pytest
 
 import xtuner.model.losses  # noqa: F401  (registers the built-ins)
+from xtuner.model.losses import PreferenceLoss
 from xtuner.registry import LOSSES
 
 _spec = importlib.util.spec_from_file_location(
@@ -42,14 +43,29 @@ LOSS_CONFIGS = {
         "dict(type='KDLoss', teacher=dict(type=AutoModelForCausalLM.from_pretrained, "
         "pretrained_model_name_or_path=pretrained_model_name_or_path), ce_weight=0.5)"
     ),
+    # MoE router terms: trained on a tiny Mixtral (see moe_model).
+    "RouterAuxLoss": (
+        "[dict(type='CrossEntropyLoss'), dict(type='RouterAuxLoss', coef=0.02), "
+        "dict(type='RouterZLoss', coef=1e-3)]"
+    ),
+    "RouterZLoss": "[dict(type='CrossEntropyLoss'), dict(type='RouterZLoss', coef=1e-3)]",
 }
+MOE_TERMS = {"RouterAuxLoss": "loss_router_aux", "RouterZLoss": "loss_router_z"}
+# The RouterAuxLoss run trains both router terms; RouterZLoss alone only in make test-all.
+PARAMS = [
+    pytest.param(name, marks=pytest.mark.slow_all) if name == "RouterZLoss" else name
+    for name in sorted(LOSS_CONFIGS)
+]
 
 
 def test_every_built_in_loss_is_covered():
+    # Preference losses train on preference data: tests/tools/test_train_preference.py.
     built_in = {
         name
         for name, cls in LOSSES.module_dict.items()
-        if cls.__module__.startswith("xtuner.model.losses") and name != "CompositeLoss"
+        if cls.__module__.startswith("xtuner.model.losses")
+        and name != "CompositeLoss"
+        and not issubclass(cls, PreferenceLoss)
     }
     assert built_in == set(LOSS_CONFIGS)
 
@@ -66,12 +82,39 @@ def weighted_data(tmp_path_factory, demo_assets) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory, demo_assets) -> str:
+    """A tiny random Mixtral with the demo tokenizer, saved like a downloaded model."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    path = str(tmp_path_factory.mktemp("tiny_mixtral"))
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(LOSS_CONFIGS))
-def test_loss_trains_through_xtuner_train(tmp_path, demo_assets, weighted_data, name):
+@pytest.mark.parametrize("name", PARAMS)
+def test_loss_trains_through_xtuner_train(tmp_path, demo_assets, weighted_data, name, request):
     assets = dict(demo_assets)
     if name == "TokenWeightedCELoss":
         assets["data"] = weighted_data
+    if name in MOE_TERMS:
+        assets["model"] = request.getfixturevalue("moe_model")
     cfg = write_config(tmp_path, assets, max_iters=25, loss=f",\n    loss={LOSS_CONFIGS[name]}")
     work_dir = str(tmp_path / "work")
     out = run_xtuner("train", cfg, "--work-dir", work_dir, "--seed", "0")
@@ -79,6 +122,12 @@ def test_loss_trains_through_xtuner_train(tmp_path, demo_assets, weighted_data, 
     # DFT's value, p * -log p, grows while p is below 1/e: its progress shows in accuracy.
     key = "acc" if name == "DFTLoss" else "loss"
     values = scalars(work_dir, key)
+    terms = (
+        ["loss_router_aux", "loss_router_z"] if name == "RouterAuxLoss" else [MOE_TERMS.get(name)]
+    )
+    for term in filter(None, terms):
+        router = scalars(work_dir, term)
+        assert len(router) == 25 and all(v > 0 for v in router), (term, router)
     assert len(values) == 25
     first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
     if key == "acc":

@@ -1,16 +1,19 @@
-"""Data sets for fine-tuning: processing, concatenation, collate functions and samplers."""
+"""Data sets for fine-tuning: processing, concatenation, collate functions and samplers.
 
-from .concat_dataset import ConcatDataset
-from .huggingface import process_hf_dataset
-from .llava import LLaVADataset, expand2square
-from .modelscope import process_ms_dataset
-from .utils import encode_fn
+Each name is imported on first use (:mod:`xtuner._lazy`), so ``xtuner.dataset.map_fns``
+imports neither ``datasets`` nor ``torch``: add a name with one line below.
+"""
 
-__all__ = [
-    "process_hf_dataset",
-    "process_ms_dataset",
-    "ConcatDataset",
-    "LLaVADataset",
-    "expand2square",
-    "encode_fn",
-]
+from xtuner._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "process_hf_dataset": ".huggingface",
+        "process_ms_dataset": ".modelscope",
+        "ConcatDataset": ".concat_dataset",
+        "LLaVADataset": ".llava",
+        "expand2square": ".llava",
+        "encode_fn": ".utils",
+    },
+)

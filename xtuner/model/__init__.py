@@ -1,6 +1,14 @@
-"""Models: supervised fine-tuning (and LLaVA) with a pluggable loss."""
+"""Models: supervised fine-tuning (and LLaVA) with a pluggable loss.
 
-from .llava import LLaVAModel
-from .sft import SupervisedFinetune
+Each name is imported on first use (:mod:`xtuner._lazy`): add a model with one line below.
+"""
 
-__all__ = ["SupervisedFinetune", "LLaVAModel"]
+from xtuner._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "SupervisedFinetune": ".sft",
+        "LLaVAModel": ".llava",
+    },
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from typing import Any
@@ -16,14 +17,27 @@ from xtuner.parallel.sequence import get_sequence_parallel_world_size
 from xtuner.registry import BUILDER
 from xtuner.utils.constants import IGNORE_INDEX
 
-from .losses import LossContext, build_loss, compute_weights, finalize_loss
-from .utils import (
-    LoadWoInit,
-    build_nested,
-    find_all_linear_names,
-    prepare_llm_config,
-    resolve_head,
+from .losses import (
+    CompositeLoss,
+    LossContext,
+    OutputHead,
+    build_loss,
+    build_output_head,
+    compute_weights,
+    finalize_loss,
 )
+from .losses.head import LogitTransform, check_head_equivalence, head_mode, is_partitioned
+from .losses.router import (
+    RouterAuxLoss,
+    check_router_model,
+    has_router_loss,
+    router_outputs,
+    wants_router_logits,
+)
+from .utils import LoadWoInit, build_nested, find_all_linear_names, prepare_llm_config
+
+#: tokens the build-time head probe runs through the model (cheap; no gradient).
+PROBE_TOKENS = 4
 
 #: batch fields that only the loss reads (never passed to the language model).
 LOSS_ONLY_FIELDS = ("labels", "loss_weight", "loss_denominator", "cumulative_len", "max_seqlen")
@@ -67,7 +81,14 @@ class SupervisedFinetune(BaseModel):
             of 64, new rows mean-initialised).
         max_position_embeddings: extend the context with linear RoPE scaling.
         loss: the loss config (see :func:`xtuner.model.losses.build_loss`); None is
-            cross-entropy equal to the HF model's own loss.
+            cross-entropy equal to the HF model's own loss. A dict (or every dict of a list)
+            may carry ``head='model'``: the loss then reads the model's own logits instead of
+            computing them chunk by chunk (exact for any model; not memory-saving).
+
+    At build the output head the chunked loss uses (:mod:`xtuner.model.losses.head`) is
+    checked against the model's own forward on a few tokens; a difference fails the build.
+    MoE models whose config sets ``output_router_logits=True`` get the router's
+    load-balancing loss as the term ``loss_router_aux`` (:mod:`xtuner.model.losses.router`).
     """
 
     def __init__(
@@ -93,8 +114,12 @@ class SupervisedFinetune(BaseModel):
             self._prepare_lora(lora, peft_model, use_activation_checkpointing)
         if use_activation_checkpointing:
             self.gradient_checkpointing_enable()
-        self.loss = build_loss(loss)
-        self._check_head()
+        loss, self.head_mode = _pop_head_option(loss)
+        self.loss = self._with_router_loss(build_loss(loss))
+        if self.head_mode == "chunked":
+            self._probe_head()
+        if use_varlen_attn:
+            self._probe_packing()
 
     # building ------------------------------------------------------------------------------
     @staticmethod
@@ -112,10 +137,6 @@ class SupervisedFinetune(BaseModel):
             )
         with LoadWoInit():
             return build_nested(cfg)
-
-    def init_weights(self) -> None:
-        """Weights come from the pretrained model: mmengine must not re-initialise them (its
-        default also averages every parameter for its log, which fails on 4-bit weights)."""
 
     def _resize_embeddings(self, tokenizer: Any) -> None:
         if isinstance(tokenizer, (dict, ConfigDict)):
@@ -148,15 +169,86 @@ class SupervisedFinetune(BaseModel):
             lora.target_modules = find_all_linear_names(self.llm)
         self.llm = get_peft_model(self.llm, lora)
 
-    def _check_head(self) -> None:
-        config = self.llm.config
-        for key in ("final_logit_softcapping", "logit_scale"):
-            value = getattr(config, key, None)
-            if value not in (None, 1.0):
-                raise NotImplementedError(
-                    f"this model's config sets {key}={value}: its logits are post-processed, "
-                    "which the chunked loss does not reproduce yet"
-                )
+    def _with_router_loss(self, loss: nn.Module) -> nn.Module:
+        """Adds the MoE load-balancing loss the model's own loss has (``output_router_logits``)
+        unless the loss config names a router loss; asks the model for router logits when
+        it does."""
+        base = self.base_llm
+        if has_router_loss(loss):
+            check_router_model(base)
+            base.config.output_router_logits = True
+            return loss
+        if not wants_router_logits(base):
+            return loss
+        check_router_model(base)
+        return CompositeLoss([loss, RouterAuxLoss()])
+
+    @torch.no_grad()
+    def _probe_head(self) -> None:
+        """Checks once that the chunked head reproduces the model's own logits.
+
+        A few tokens go through the model's forward and through the backbone plus
+        :meth:`output_head`, in eval mode (no dropout), without gradients. Skipped when the
+        head's weight is not on this process (ZeRO-3 partitions, meta tensors).
+        """
+        head = self.output_head()
+        params = list(head.module.parameters())
+        if not params or any(is_partitioned(p) for p in params):
+            return
+        ids, positions = self._probe_tokens(PROBE_TOKENS)
+        with _eval_mode(self.llm):
+            theirs = self.llm(input_ids=ids, position_ids=positions, use_cache=False).logits
+            hidden = self.backbone()(input_ids=ids, position_ids=positions, use_cache=False)
+            ours = head.logits(hidden.last_hidden_state)
+        dtype = params[0].dtype
+        check_head_equivalence(type(self.base_llm).__name__, head.adapter, theirs, ours, dtype)
+
+    def _probe_tokens(self, n: int) -> tuple[Tensor, Tensor]:
+        """``[1, n]`` token ids and positions for a build-time probe."""
+        embedding = self.base_llm.get_input_embeddings()
+        device = embedding.weight.device
+        ids = (torch.arange(1, n + 1, device=device) % embedding.weight.shape[0])[None]
+        return ids, torch.arange(n, device=device)[None]
+
+    @torch.no_grad()
+    def _probe_packing(self) -> None:
+        """With ``use_varlen_attn``, checks once that packed documents do not attend each
+        other: the second of two packed documents (positions restarting at 0, no mask) must
+        give the logits it gives alone. Remote-code models whose attention ignores
+        ``position_ids`` fail here instead of training on leaked context."""
+        if any(is_partitioned(p) for p in self.base_llm.get_input_embeddings().parameters()):
+            return
+        ids, positions = self._probe_tokens(2 * PROBE_TOKENS)
+        packed_positions = (positions % PROBE_TOKENS).clone()
+        with _eval_mode(self.llm):
+            packed = self.llm(input_ids=ids, position_ids=packed_positions, use_cache=False)
+            alone = self.llm(
+                input_ids=ids[:, PROBE_TOKENS:],
+                position_ids=positions[:, :PROBE_TOKENS],
+                use_cache=False,
+            )
+        theirs, ours = alone.logits.double(), packed.logits[:, PROBE_TOKENS:].double()
+        diff = float((theirs - ours).abs().max())
+        rtol = 1e-4 if self.base_llm.dtype == torch.float32 else 2e-2
+        if diff <= rtol * max(float(theirs.abs().max()), 1.0):
+            return
+        raise ValueError(
+            f"use_varlen_attn=True, but {type(self.base_llm).__name__} with attn_implementation="
+            f"{self.base_llm.config._attn_implementation!r} lets packed documents attend each "
+            f"other: a document packed after another gives logits up to {diff:.3g} away from "
+            "the same document alone (its attention does not follow position_ids that restart "
+            "at 0). Use a model whose attention goes through transformers' attention and "
+            "masking functions, or set use_varlen_attn=False and pack_to_max_length=False so "
+            "that every row holds one document."
+        )
+
+    def init_weights(self) -> None:
+        """Weights come from the pretrained model: mmengine must not re-initialise them.
+
+        mmengine's ``BaseModule.init_weights`` also takes ``param.mean()`` of every parameter
+        for its log, which fails on the uint8/int8 storage of 4-bit and 8-bit quantised
+        weights (QLoRA).
+        """
 
     def gradient_checkpointing_enable(self) -> None:
         kwargs = {"use_reentrant": False}
@@ -184,8 +276,9 @@ class SupervisedFinetune(BaseModel):
         base = self.base_llm
         return getattr(base, base.base_model_prefix, None) or base.get_decoder()
 
-    def output_head(self) -> nn.Module:
-        return resolve_head(self.base_llm.get_output_embeddings())
+    def output_head(self) -> OutputHead:
+        """How the chunked loss computes this model's logits (the registered head adapter)."""
+        return build_output_head(self.base_llm)
 
     # forward -------------------------------------------------------------------------------
     def forward(self, data: dict, data_samples=None, mode: str = "loss"):
@@ -250,19 +343,37 @@ class SupervisedFinetune(BaseModel):
             inputs, labels, weights, extras = split_for_sequence_parallel(
                 inputs, labels, weights, extras
             )
-        hidden = self.backbone()(**inputs, use_cache=False).last_hidden_state
-        head = self.output_head()
-        ctx = LossContext(
-            hidden_states=hidden,
-            head_weight=head.weight,
-            head_bias=getattr(head, "bias", None),
-            labels=labels,
-            weights=weights,
-            extras=extras,
-            batch=data,
-            iteration=_current_iteration(),
-        )
-        return finalize_loss(self.loss(ctx), weights, data.get("loss_denominator"))
+        if self.head_mode == "model":
+            # The model's own logits, all at once: exact for any head, not memory-saving.
+            out = self.base_llm(**inputs, use_cache=False)
+            hidden, head = out.logits, None
+        else:
+            out = self.backbone()(**inputs, use_cache=False)
+            hidden, head = out.last_hidden_state, self.output_head()
+        router = router_outputs(self.base_llm, out, inputs.get("attention_mask"))
+        with _materialized(head) as (weight, bias):
+            ctx = LossContext(
+                hidden_states=hidden,
+                head_weight=weight,
+                head_bias=bias,
+                labels=labels,
+                weights=weights,
+                extras=extras,
+                batch=data,
+                iteration=_current_iteration(),
+                logit_transform=head.transform if head is not None else LogitTransform(),
+                router=router,
+            )
+            output = self.loss(ctx)
+        return finalize_loss(output, weights, data.get("loss_denominator"), self._zero_anchor)
+
+    def _zero_anchor(self) -> Tensor:
+        """A zero reaching every trainable parameter directly (replaces a skipped term: all
+        parameters get a zero gradient, none passes through non-finite activations)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), requires_grad=True)
+        return sum(p.reshape(-1)[:1].sum() * 0 for p in params).float()
 
     def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-token targets and the loss's per-token weights (whole sequences, unsplit)."""
@@ -318,6 +429,50 @@ class SupervisedFinetune(BaseModel):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.llm, name)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Eval mode (no dropout) inside the block; every submodule's own mode restored after."""
+    modes = {sub: sub.training for sub in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, mode in modes.items():
+            sub.training = mode
+
+
+@contextlib.contextmanager
+def _materialized(head: OutputHead | None):
+    """``(weight, bias)`` of the head for one loss pass; ``(None, None)`` for head='model'."""
+    if head is None:
+        yield None, None
+        return
+    with head.materialized() as pair:
+        yield pair
+
+
+def _pop_head_option(loss: Any) -> tuple[Any, str]:
+    """Takes ``head=...`` out of a loss config (a dict, or each dict of a list)."""
+    if isinstance(loss, (dict, ConfigDict)):
+        loss = dict(loss)
+        return loss, head_mode(loss.pop("head", None))
+    if isinstance(loss, (list, tuple)):
+        parts, modes = [], set()
+        for part in loss:
+            if isinstance(part, (dict, ConfigDict)):
+                part = dict(part)
+                modes.add(head_mode(part.pop("head", None)))
+            parts.append(part)
+        if len(modes) > 1:
+            raise ValueError(
+                "the losses of the list give different head options "
+                f"({sorted(modes)}): one head serves them all; give head='model' on every "
+                "entry or on none"
+            )
+        return parts, modes.pop() if modes else "chunked"
+    return loss, "chunked"
 
 
 def _bf16_ok() -> bool:

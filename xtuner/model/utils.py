@@ -63,13 +63,32 @@ def _is_low_precision(dtype: Any) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def _supports_flash(cfg: Mapping) -> bool:
+    """Whether the causal LM class of a config supports flash-attention (False if unknown)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = cfg.get("config")
+    if config is None:
+        path = _model_path(cfg)
+        if path is None:
+            return False
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    try:
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote code: transformers decides
+        return False
+    return bool(getattr(model_cls, "_supports_flash_attn", False))
+
+
 def prepare_llm_config(llm: Mapping, max_position_embeddings: int | None = None) -> dict[str, Any]:
     """Normalises an ``llm`` config dict for transformers 5 before it is built.
 
-    ``torch_dtype`` is renamed ``dtype``; the attention implementation is chosen when the
-    user gave none (flash_attention_2 when flash-attn is usable and the dtype is 16-bit, else
-    sdpa); ``max_position_embeddings`` sets linear RoPE scaling, also for configs that had
-    no scaling before.
+    ``torch_dtype`` is renamed ``dtype``; when the user gave no attention implementation,
+    flash_attention_2 is chosen if flash-attn is usable, the dtype is 16-bit and the model
+    class supports it; otherwise transformers chooses (sdpa when the family supports it,
+    else eager: Gemma2's soft-capped attention has no sdpa). ``max_position_embeddings`` sets
+    linear RoPE scaling, also for configs that had no scaling before.
     """
     from transformers import AutoConfig
 
@@ -80,9 +99,9 @@ def prepare_llm_config(llm: Mapping, max_position_embeddings: int | None = None)
         if "dtype" in cfg:
             raise ValueError("llm config gives both 'torch_dtype' and 'dtype'; keep one ('dtype')")
         cfg["dtype"] = cfg.pop("torch_dtype")
-    if "attn_implementation" not in cfg:
-        use_flash = flash_attn_available() and _is_low_precision(cfg.get("dtype"))
-        cfg["attn_implementation"] = "flash_attention_2" if use_flash else "sdpa"
+    flash_ok = flash_attn_available() and _is_low_precision(cfg.get("dtype"))
+    if "attn_implementation" not in cfg and flash_ok and _supports_flash(cfg):
+        cfg["attn_implementation"] = "flash_attention_2"
     if max_position_embeddings is not None:
         path = _model_path(cfg)
         config = cfg.get("config") or AutoConfig.from_pretrained(path, trust_remote_code=True)
@@ -120,14 +139,3 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
     names.discard("lm_head")
     names.discard("output")
     return sorted(names)
-
-
-def resolve_head(module: nn.Module) -> nn.Module:
-    """The module holding the output head's weight (unwraps peft's modules_to_save)."""
-    if hasattr(module, "modules_to_save") and hasattr(module, "active_adapter"):
-        active = module.active_adapter
-        active = active[0] if isinstance(active, (list, tuple)) else active
-        if active in module.modules_to_save:
-            return module.modules_to_save[active]
-        return module.original_module
-    return module

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -29,3 +30,32 @@ def sp_all_reduce_sum(tensor: Tensor) -> Tensor:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over a group; backward sums the gradients over the group too.
+
+    Every rank computes the same loss from the sum, so the gradient with respect to its
+    own part is the sum of every rank's output gradient (the adjoint of an all-reduce).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def sp_all_reduce_sum_with_grad(tensor: Tensor) -> Tensor:
+    """Differentiable sum over this rank's sequence-parallel group (e.g. of per-sequence
+    sums whose tokens are spread over the shards); the identity without sequence parallel."""
+    if get_sequence_parallel_world_size() == 1 or not dist.is_initialized():
+        return tensor
+    return _AllReduceSumWithGrad.apply(tensor, get_sequence_parallel_group())

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from xtuner.dataset.huggingface import build_origin_dataset, resolve_map_fn
 from xtuner.dataset.utils import (
     DROP_REASONS,
     encode_conversations,
@@ -59,6 +58,8 @@ def _records(target: dict) -> Iterator[tuple[str, object, str | None]]:
                 where = f"{path}:{line} (record {i})" if line else f"{path} (record {i})"
                 yield where, record, error
         return
+    from xtuner.dataset.huggingface import build_origin_dataset  # imports `datasets`
+
     for i, record in enumerate(build_origin_dataset(source, target.get("split", "train"))):
         yield f"record {i}", record, None
 
@@ -107,6 +108,8 @@ def _check_chunk(chunk, target, tokenizer, map_fn, template_fn) -> tuple[list, i
 
 def check_dataset(target: dict, max_printed: int) -> int:
     """Checks one ``process_hf_dataset`` config; prints its problems; returns their count."""
+    from xtuner.dataset.huggingface import resolve_map_fn
+
     tokenizer = target.get("tokenizer")
     tokenizer = BUILDER.build(tokenizer) if is_config(tokenizer) else tokenizer
     if tokenizer is None and target.get("do_dataset_tokenization", True):

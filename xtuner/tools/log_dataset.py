@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from xtuner.registry import BUILDER
 from xtuner.utils.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 from .utils import UserError, load_config, run_tool
@@ -56,6 +55,8 @@ def _section(title: str, body) -> None:
 
 
 def _run(args) -> int:
+    from xtuner.registry import BUILDER
+
     cfg = load_config(args.config)
     dataset_cfg = cfg.train_dataloader.dataset if "train_dataloader" in cfg else cfg.train_dataset
     tokenizer_cfg = cfg.get("tokenizer") or dataset_cfg.get("tokenizer")

@@ -8,8 +8,6 @@ import json
 import os
 import os.path as osp
 
-from mmengine.logging import print_log
-
 from xtuner._compat import adapt_config_to_device, trust_checkpoint_path
 from xtuner.tools.utils import UserError, add_cfg_options, load_config, run_tool
 
@@ -83,6 +81,7 @@ def _wrapper_name(optim) -> str:
 
 def _use_deepspeed(cfg, name_or_path: str) -> None:
     import torch
+    from mmengine.logging import print_log
 
     ds = deepspeed_config(name_or_path, cfg)
     if not torch.cuda.is_available() and ds.get("fp16", {}).get("enabled") is True:
@@ -99,11 +98,17 @@ def _use_deepspeed(cfg, name_or_path: str) -> None:
         fp16=ds.get("fp16"),
         bf16=ds.get("bf16"),
     )
-    cfg.optim_wrapper = dict(type="DeepSpeedOptimWrapper", optimizer=cfg.optim_wrapper.optimizer)
+    import xtuner.engine.optim  # noqa: F401  (registers DeepSpeedGradNormOptimWrapper)
+
+    cfg.optim_wrapper = dict(
+        type="DeepSpeedGradNormOptimWrapper", optimizer=cfg.optim_wrapper.optimizer
+    )
     cfg.runner_type = "FlexibleRunner"
 
 
 def build_runner(args):
+    from mmengine.logging import print_log
+
     cfg = load_config(args.config, args.cfg_options)
     for change in adapt_config_to_device(cfg):
         print_log(change, "current", level=30)
@@ -139,6 +144,7 @@ def build_runner(args):
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        # Arguments first: a mistyped flag is reported before mmengine and torch load.
         args = parse_args(argv)
         runner, sp = build_runner(args)
         from xtuner.parallel.sequence import init_sequence_parallel

@@ -1,8 +1,14 @@
-"""Shared helpers of the command-line tools: finding configs and reporting errors."""
+"""Shared helpers of the command-line tools: finding configs and reporting errors.
+
+Importing this module is cheap (no mmengine, no torch): tools parse their arguments first,
+so ``-h`` and a mistyped flag answer at once, and import the heavy libraries afterwards.
+"""
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import importlib
 import inspect
 import os
 import os.path as osp
@@ -10,10 +16,12 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
-
-from mmengine.config import Config, DictAction
+from typing import TYPE_CHECKING
 
 from xtuner.configs import cfgs_name_path
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 RUNNER_KEYS = [
     "model",
@@ -65,6 +73,8 @@ def resolve_config_path(config: str) -> str:
 
 
 def load_config(config: str, cfg_options: dict | None = None) -> Config:
+    from mmengine.config import Config
+
     path = resolve_config_path(config)
     try:
         cfg = Config.fromfile(path)
@@ -77,7 +87,70 @@ def load_config(config: str, cfg_options: dict | None = None) -> Config:
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     _check_top_level_keys(cfg, path)
+    import_custom_modules(cfg, path)
     return cfg
+
+
+def user_module_folders(path: str) -> list[str]:
+    """Where a config's own modules are found: the current directory, then its folder.
+
+    Both are appended to ``sys.path`` (so they never shadow an installed package) for
+    ``custom_imports`` and for dotted paths such as ``loss=dict(type='my_losses.MyLoss')``.
+    """
+    folders = [os.getcwd(), osp.dirname(osp.abspath(path))]
+    for folder in folders:
+        if folder not in sys.path:
+            sys.path.append(folder)
+    return folders
+
+
+def import_custom_modules(cfg: Config, path: str) -> list[str]:
+    """Imports the config's ``custom_imports`` (user losses, map functions, templates, hooks).
+
+    mmengine does this only for configs it parses eagerly; XTuner configs import ``xtuner``,
+    ``transformers`` ... at their top, so mmengine parses them lazily and skips
+    ``custom_imports``. Modules are looked up on ``sys.path``, then in the current directory,
+    then in the config's folder (:func:`user_module_folders`). Every process of a job
+    (torchrun ranks, ``check-loss``, the data tools) loads the config through here, so every
+    one registers the same components.
+
+    Args:
+        cfg: the loaded config.
+        path: the config file (its folder is searched).
+
+    Returns:
+        The names of the modules imported.
+    """
+    folders = user_module_folders(path)
+    spec = cfg.get("custom_imports")
+    if not spec:
+        return []
+    if isinstance(spec, (list, tuple, str)):
+        spec = {"imports": spec}
+    if "imports" not in spec:
+        raise UserError(
+            f"config {path}: custom_imports must be dict(imports=['my_module', ...]), got {spec!r}"
+        )
+    names = spec["imports"]
+    names = [names] if isinstance(names, str) else list(names)
+    allow_failed = bool(spec.get("allow_failed_imports", False))
+    imported = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            if allow_failed:
+                from mmengine.logging import print_log
+
+                print_log(f"custom_imports: {name!r} failed to import: {exc}", "current", 30)
+                continue
+            raise UserError(
+                f"config {path}: custom_imports could not import {name!r} ({exc}). Modules are "
+                f"looked up on sys.path, in the current directory ({folders[0]}) and in the "
+                f"config's folder ({folders[1]}); put it there or add its folder to PYTHONPATH."
+            ) from exc
+        imported.append(name)
+    return imported
 
 
 def _check_top_level_keys(cfg: Config, path: str) -> None:
@@ -92,11 +165,20 @@ def _check_top_level_keys(cfg: Config, path: str) -> None:
             )
 
 
-def add_cfg_options(parser) -> None:
+class _CfgOptionsAction(argparse.Action):
+    """mmengine's ``DictAction``, imported only when ``--cfg-options`` is given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction
+
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+
+def add_cfg_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options",
         nargs="+",
-        action=DictAction,
+        action=_CfgOptionsAction,
         help="override config keys, e.g. train_dataloader.batch_size=2 model.loss.type=FocalLoss",
     )
 

@@ -1,18 +1,20 @@
-"""Constants and chat templates that configs import from ``xtuner.utils``."""
+"""Constants and chat templates that configs import from ``xtuner.utils``.
 
-from .constants import (
-    DEFAULT_IMAGE_TOKEN,
-    DEFAULT_PAD_TOKEN_INDEX,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
+Each name is imported on first use (:mod:`xtuner._lazy`), so ``xtuner.utils.constants``
+does not import mmengine (which the templates need): add a name with one line below.
+"""
+
+from xtuner._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "IGNORE_INDEX": ".constants",
+        "DEFAULT_PAD_TOKEN_INDEX": ".constants",
+        "IMAGE_TOKEN_INDEX": ".constants",
+        "DEFAULT_IMAGE_TOKEN": ".constants",
+        "PROMPT_TEMPLATE": ".templates",
+        "SYSTEM_TEMPLATE": ".templates",
+        "get_template": ".templates",
+    },
 )
-from .templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
-
-__all__ = [
-    "IGNORE_INDEX",
-    "DEFAULT_PAD_TOKEN_INDEX",
-    "IMAGE_TOKEN_INDEX",
-    "DEFAULT_IMAGE_TOKEN",
-    "PROMPT_TEMPLATE",
-    "SYSTEM_TEMPLATE",
-]

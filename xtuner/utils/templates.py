@@ -16,6 +16,9 @@ The strings follow each model family's published chat format. BOS tokens are not
 here: the encoder adds one at the start of every sample.
 """
 
+import difflib
+from collections.abc import Mapping
+
 from mmengine.config import ConfigDict
 
 __all__ = ["PROMPT_TEMPLATE", "SYSTEM_TEMPLATE"]
@@ -236,3 +239,26 @@ SYSTEM_TEMPLATE = ConfigDict(
         "and a question about their data, write one SQL query that answers the question."
     ),
 )
+
+
+def get_template(template: Mapping | str) -> Mapping:
+    """A prompt template given as a dict or by its ``PROMPT_TEMPLATE`` name.
+
+    A module loaded with ``custom_imports`` can add its own template
+    (``PROMPT_TEMPLATE["my_chat"] = dict(SYSTEM=..., INSTRUCTION=...)``), which configs then
+    name as ``PROMPT_TEMPLATE.my_chat`` or ``'my_chat'``.
+
+    Raises:
+        KeyError: an unknown name; the message lists the nearest known names.
+    """
+    if not isinstance(template, str):
+        return template
+    if template in PROMPT_TEMPLATE:
+        return PROMPT_TEMPLATE[template]
+    close = difflib.get_close_matches(template, list(PROMPT_TEMPLATE), n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise KeyError(
+        f"unknown prompt template {template!r}.{hint} Known: {', '.join(sorted(PROMPT_TEMPLATE))}"
+        ". A template of your own is added with PROMPT_TEMPLATE['name'] = dict(...) in a module "
+        "the config loads with custom_imports."
+    )

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xtuner.model.losses import LossContext, compute_weights, finalize_loss
+from xtuner.model.losses import LogitTransform, LossContext, compute_weights, finalize_loss
 
 IGNORE = -100
 
@@ -105,7 +105,13 @@ def safe_targets(labels: Tensor) -> Tensor:
     return labels.clamp_min(0)
 
 
-def run_loss(loss, case: Case, extras: dict | None = None, iteration: int | None = None):
+def run_loss(
+    loss,
+    case: Case,
+    extras: dict | None = None,
+    iteration: int | None = None,
+    transform: LogitTransform | None = None,
+):
     """Runs a loss as the model does: weights, context, loss, finalize_loss."""
     weights = compute_weights(loss.weight_specs(), case.labels, case.position_ids, case.loss_weight)
     if extras is None:
@@ -118,6 +124,7 @@ def run_loss(loss, case: Case, extras: dict | None = None, iteration: int | None
         weights=weights,
         extras=extras,
         iteration=iteration,
+        logit_transform=transform or LogitTransform(),
     )
     return finalize_loss(loss(ctx), weights)
 
@@ -156,14 +163,27 @@ def assert_close_all(actual: list[Tensor], expected: list[Tensor]) -> None:
         torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=rtol * 0.1 * scale)
 
 
-def check_against(loss, naive, case: Case, reduction: str, extras: dict | None = None) -> None:
+def check_against(
+    loss,
+    naive,
+    case: Case,
+    reduction: str,
+    extras: dict | None = None,
+    transform: LogitTransform | None = None,
+) -> None:
     """Value and gradients of ``loss`` equal ``naive(logits, targets) -> [B, S]`` averaged with
-    naive weights (computed in float64)."""
-    result = run_loss(loss, case, extras)
+    naive weights (computed in float64); ``transform`` post-processes the logits."""
+    result = run_loss(loss, case, extras, transform=transform)
     value = total(result)
     got = [value.detach()] + grads(value, case)
     ref = as_float64(case)
-    per_token = naive(full_logits(ref), safe_targets(ref.labels))
+    logits = full_logits(ref)
+    if transform is not None:
+        # Written out here, independently of LogitTransform.
+        logits = logits * transform.scale
+        if transform.softcap is not None:
+            logits = transform.softcap * torch.tanh(logits / transform.softcap)
+    per_token = naive(logits, safe_targets(ref.labels))
     weights = naive_weights(ref.labels, ref.position_ids, reduction, ref.loss_weight)
     expected_value = weighted_mean(per_token, weights)
     expected = [expected_value.detach()] + grads(expected_value, ref)

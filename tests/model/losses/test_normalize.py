@@ -105,3 +105,81 @@ def test_a_metric_named_like_a_loss_is_rejected():
     output.metrics["my_loss_metric"] = torch.tensor(1.0)
     with pytest.raises(ValueError, match="contains 'loss'"):
         finalize_loss(output, {})
+
+
+def test_skip_with_inf_in_the_first_hidden_state_gives_exact_zeros():
+    # The zero anchor must not be hidden[0] * 0 (inf * 0 is NaN).
+    case = make_case("padded", torch.float32)
+    with torch.no_grad():
+        case.hidden[0, 0, 0] = float("inf")  # the first element (a prompt token)
+        case.hidden[0, 3, 1] = float("inf")  # a token with a target: the loss is NaN
+    with mock.patch("xtuner.model.losses.normalize.print_log"):
+        result = run_loss(CrossEntropyLoss(nonfinite="skip", chunk_size=4), case)
+    value = total(result)
+    assert value.item() == 0.0
+    gradients = grads(value, case)
+    assert all(bool((g == 0).all()) for g in gradients)
+
+
+def test_zero_global_denominator_contributes_zero():
+    # A whole accumulation window without a valid token: the term is 0, its gradient 0.
+    case = make_case("padded", torch.float32)
+    case.labels[:] = -100
+    loss = CrossEntropyLoss()
+    weights = compute_weights(loss.weight_specs(), case.labels, case.position_ids)
+    ctx = LossContext(case.hidden, case.weight, None, case.labels, weights)
+    result = finalize_loss(loss(ctx), weights, {"token": torch.zeros((), dtype=torch.float64)})
+    assert result["loss"].item() == 0.0
+    assert all(bool((g == 0).all()) for g in grads(result["loss"], case))
+
+
+def test_double_backward_raises_a_clear_error():
+    case = make_case("padded", torch.float32)
+    value = total(run_loss(CrossEntropyLoss(), case))
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice.*create_graph=True"):
+        torch.autograd.grad(value, case.hidden, create_graph=True)
+    (grad_h,) = torch.autograd.grad(value, case.hidden)  # a plain backward still works
+    assert bool(grad_h.isfinite().all())
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_no_gradient_is_computed_without_grad_mode(mode):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (
+                torch.ops.aten.mm.default,
+                torch.ops.aten.mm.out,
+                torch.ops.aten.addmm_.default,
+            ):
+                CountMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    case = make_case("padded", torch.float32)
+    n_chunks = -(-int((case.labels != -100).sum()) // 4)
+    with mode(), CountMatmuls():
+        result = run_loss(CrossEntropyLoss(chunk_size=4), case)
+    assert not result["loss"].requires_grad
+    assert CountMatmuls.count == n_chunks  # the logits only: no gradient GEMM
+
+
+def test_own_denominator_term_under_sequence_parallel():
+    # Two shards of one sequence hold 2 and 4 of a sum normalised by 3: the logged value is
+    # (2 + 4) / 3 and each shard's gradient is sp / 3 (DDP then averages over the 2 ranks).
+    value = torch.tensor(2.0, requires_grad=True)
+    output = LossOutput({"pairs": LossTerm(value, denominator=torch.tensor(3.0))})
+    with (
+        mock.patch(
+            "xtuner.model.losses.normalize.get_sequence_parallel_world_size", return_value=2
+        ),
+        mock.patch(
+            "xtuner.model.losses.normalize.sp_all_reduce_sum", side_effect=lambda t: t + 4.0
+        ),
+    ):
+        result = finalize_loss(output, {})
+    assert result["loss"].item() == pytest.approx(2.0)
+    result["loss"].backward()
+    assert value.grad.item() == pytest.approx(2 / 3)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
+from xtuner.utils.templates import get_template
+
 from .dataset_map_fns._fields import Conversation
 
 
@@ -73,11 +75,13 @@ def template_map_fn_factory(template: Mapping) -> partial:
     """Returns ``template_map_fn`` bound to ``template`` (picklable, for ``datasets.map``).
 
     Args:
-        template: a prompt template, e.g. ``PROMPT_TEMPLATE.internlm2_chat``; checked here so
-            a broken template fails when the config is built.
+        template: a prompt template, e.g. ``PROMPT_TEMPLATE.internlm2_chat``, or its name
+            (``'internlm2_chat'``, also a template a ``custom_imports`` module added); checked
+            here so a broken template fails when the config is built.
 
     Returns:
         A callable taking one record.
     """
+    template = get_template(template)
     _check_template(template)
     return partial(template_map_fn, template=template)

@@ -1,6 +1,7 @@
 from .dataset_info_hook import DatasetInfoHook
 from .evaluate_chat_hook import EvaluateChatHook
 from .hf_checkpoint_hook import HFCheckpointHook
+from .preference import PrecomputeRefLogpsHook
 from .throughput_hook import ThroughputHook
 from .varlen_attn_args_to_messagehub_hook import VarlenAttnArgsToMessageHubHook
 
@@ -8,6 +9,7 @@ __all__ = [
     "DatasetInfoHook",
     "EvaluateChatHook",
     "HFCheckpointHook",
+    "PrecomputeRefLogpsHook",
     "ThroughputHook",
     "VarlenAttnArgsToMessageHubHook",
 ]

@@ -13,6 +13,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from xtuner.registry import BUILDER
 from xtuner.utils.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from xtuner.utils.templates import get_template
 
 
 class StopWordStoppingCriteria(StoppingCriteria):
@@ -176,7 +177,9 @@ class EvaluateChatHook(Hook):
         self.every_n_iters = every_n_iters
         self.max_new_tokens = max_new_tokens
         self.system = system
-        self.template = prompt_template
+        self.template = prompt_template = (
+            None if prompt_template is None else get_template(prompt_template)
+        )
         self.stop_words = list(stop_words or [])
         if stop_word is not None:
             self.stop_words.append(stop_word)

@@ -20,8 +20,11 @@ from .cross_entropy import CrossEntropyLoss, SampleWeightedCELoss, TokenWeighted
 from .dft import DFTLoss
 from .distill import KDLoss
 from .focal import FocalLoss
+from .head import HeadMismatchError, LogitTransform, OutputHead, build_output_head
 from .normalize import finalize_loss
+from .preference import DPO_LOSS_TYPES, REWARD_LOSS_TYPES, PreferenceLoss, chunked_target_logps
 from .regularizers import EntropyRegularization, ZLoss
+from .router import RouterAuxLoss, RouterZLoss
 
 __all__ = [
     "BaseLoss",
@@ -45,4 +48,14 @@ __all__ = [
     "ZLoss",
     "EntropyRegularization",
     "KDLoss",
+    "PreferenceLoss",
+    "DPO_LOSS_TYPES",
+    "REWARD_LOSS_TYPES",
+    "chunked_target_logps",
+    "RouterAuxLoss",
+    "RouterZLoss",
+    "OutputHead",
+    "LogitTransform",
+    "HeadMismatchError",
+    "build_output_head",
 ]

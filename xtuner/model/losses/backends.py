@@ -49,7 +49,11 @@ def kernel_device_ok(tensor: Tensor) -> bool:
     return tensor.is_cuda
 
 
-def _unsupported(backend: str, has_bias: bool, label_smoothing: float) -> str | None:
+def _unsupported(
+    backend: str, has_bias: bool, label_smoothing: float, head_note: str | None = None
+) -> str | None:
+    if head_note:
+        return head_note
     if backend == "cce" and has_bias:
         return "Cut Cross-Entropy has no output-head bias"
     if backend == "cce" and label_smoothing:
@@ -57,13 +61,23 @@ def _unsupported(backend: str, has_bias: bool, label_smoothing: float) -> str | 
     return None
 
 
-def resolve_backend(backend: str, hidden: Tensor, has_bias: bool, label_smoothing: float) -> str:
+def resolve_backend(
+    backend: str,
+    hidden: Tensor,
+    has_bias: bool,
+    label_smoothing: float,
+    head_note: str | None = None,
+) -> str:
     """The backend to run for this batch: ``'chunked'``, ``'liger'`` or ``'cce'``.
+
+    Args:
+        head_note: why the kernels cannot reproduce this model's head (logit post-processing,
+            ``head='model'``), or None.
 
     Raises:
         ImportError: an explicit backend whose package is not installed.
         LossInputError: an explicit backend that cannot run this batch (CPU tensors, a head
-            bias or label smoothing it does not support).
+            bias, label smoothing or a head it does not support).
     """
     if backend == "chunked":
         return "chunked"
@@ -71,7 +85,7 @@ def resolve_backend(backend: str, hidden: Tensor, has_bias: bool, label_smoothin
         if not kernel_device_ok(hidden):
             return "chunked"
         for name in ("liger", "cce"):
-            if _unsupported(name, has_bias, label_smoothing) is None and kernel(name):
+            if _unsupported(name, has_bias, label_smoothing, head_note) is None and kernel(name):
                 return name
         return "chunked"
     module, _, package = KERNELS[backend]
@@ -86,11 +100,10 @@ def resolve_backend(backend: str, hidden: Tensor, has_bias: bool, label_smoothin
             f"this batch is on {hidden.device}. Use backend='chunked' (the default) or 'auto', "
             "which falls back to the chunked path off the GPU"
         )
-    why = _unsupported(backend, has_bias, label_smoothing)
+    why = _unsupported(backend, has_bias, label_smoothing, head_note)
     if why:
-        raise LossInputError(
-            f"CrossEntropyLoss(backend={backend!r}): {why}; use backend='liger' or 'chunked'"
-        )
+        other = "'chunked'" if head_note else "'liger' or 'chunked'"
+        raise LossInputError(f"CrossEntropyLoss(backend={backend!r}): {why}; use backend={other}")
     return backend
 
 

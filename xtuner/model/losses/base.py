@@ -24,16 +24,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xtuner.utils.constants import IGNORE_INDEX
 
 from .functional import linear_into, logits_view, scratch_pool, vocab_major
+from .head import LogitTransform
+
+if TYPE_CHECKING:
+    from .router import RouterOutputs
 
 REDUCTIONS = ("token", "sample", "square")
+HEAD_GRAD_DTYPES = ("float32", "head")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -64,7 +70,8 @@ class LossContext:
 
     Attributes:
         hidden_states: final hidden states ``[B, S, D]`` (after the final norm).
-        head_weight: output head weight ``[V, D]``.
+        head_weight: the output head's effective weight ``[V, D]`` (LoRA deltas, tied
+            embeddings and weight normalisation applied; see :mod:`.head`).
         head_bias: output head bias ``[V]`` or None.
         labels: next-token targets ``[B, S]``; ``IGNORE_INDEX`` where there is none.
         weights: weight key -> per-token weights ``[B, S]`` (0 where ignored), computed by
@@ -73,16 +80,41 @@ class LossContext:
             (:meth:`BaseLoss.extra_inputs`), split like the labels.
         batch: the model's whole input batch before any sequence-parallel split.
         iteration: the training iteration, when known (for messages).
+        logit_transform: the head's post-processing of ``h @ W.T + b`` (soft cap,
+            multipliers; see :mod:`xtuner.model.losses.head`).
+        router: the MoE router outputs (:class:`~xtuner.model.losses.router.RouterOutputs`)
+            when the model returns router logits, else None.
+
+    With ``loss=dict(..., head='model')`` the model computes its own logits: then
+    ``hidden_states`` holds those logits ``[B, S, V]`` and ``head_weight`` is None.
     """
 
     hidden_states: Tensor
-    head_weight: Tensor
+    head_weight: Tensor | None
     head_bias: Tensor | None
     labels: Tensor
     weights: dict[str, Tensor]
     extras: dict[str, Tensor] = field(default_factory=dict)
     batch: dict[str, Any] = field(default_factory=dict)
     iteration: int | None = None
+    logit_transform: LogitTransform = field(default_factory=LogitTransform)
+    router: RouterOutputs | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of logits per token."""
+        if self.head_weight is None:
+            return self.hidden_states.shape[-1]
+        return self.head_weight.shape[0]
+
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """Logits of ``hidden`` (rows of :attr:`hidden_states`) as the model computes them:
+        the head's weight and bias, then its post-processing (soft cap, multipliers). Full
+        losses call this instead of ``F.linear`` on the head; all rows at once."""
+        if self.head_weight is None:
+            return hidden
+        logits = F.linear(hidden.to(self.head_weight.dtype), self.head_weight, self.head_bias)
+        return self.logit_transform(logits)
 
 
 @dataclass
@@ -93,7 +125,10 @@ class LossTerm:
         value: ``sum_t w_t * l_t`` over this shard's tokens (a scalar tensor with grad).
         weight_key: which weights' sum is the denominator; see :attr:`BaseLoss.weight_key`.
         denominator: set only by full losses that normalise by something else (e.g. the
-            number of preference pairs); then ``value / denominator`` is used as it is.
+            number of preference pairs); then ``value`` is this shard's part of the sum and
+            ``denominator`` covers the whole (unsplit) micro-batch: under sequence parallel
+            the shards' values are summed (logged) and the gradient is scaled so that it is
+            that of ``sum / denominator``.
         nonfinite: what to do when the term is NaN or Inf (``'raise'`` or ``'skip'``);
             None is ``'raise'``. :meth:`BaseLoss.make_output` fills in the loss's option.
         grad_group: terms with the same group share one gradient computation (the terms
@@ -128,8 +163,15 @@ class LossOutput:
 
 
 def zero_anchor(ctx: LossContext) -> Tensor:
-    """A zero that reaches the hidden states and the head (cheap: one element of each)."""
-    zero = ctx.hidden_states.reshape(-1)[:1].sum() * 0 + ctx.head_weight.reshape(-1)[:1].sum() * 0
+    """A zero that reaches the hidden states and the head (cheap: one element of each).
+
+    ``nan_to_num`` keeps it exactly 0, with a zero gradient, when those elements are NaN or
+    Inf (``x * 0`` alone would be NaN). The model replaces it by a zero that reaches every
+    parameter directly (``finalize_loss(anchor=...)``), so a skipped step also does not
+    back-propagate through non-finite activations.
+    """
+    parts = [ctx.hidden_states] + ([] if ctx.head_weight is None else [ctx.head_weight])
+    zero = sum(torch.nan_to_num(p.reshape(-1)[:1].sum() * 0, 0.0, 0.0, 0.0) for p in parts)
     return zero.float()
 
 
@@ -259,6 +301,11 @@ class TokenLoss(BaseLoss):
             head's gradient. A loss that needs :attr:`logit_rows` such rows per token
             processes ``chunk_size // logit_rows`` tokens per chunk. 0 or None computes
             all logits at once.
+        head_grad_dtype: ``'float32'`` accumulates the head's weight and bias gradients over
+            the chunks in float32 for a 16-bit head (one fp32 GEMM per chunk; no rounding
+            that grows with the chunk count, no fp16 overflow of the unnormalised sum);
+            ``'head'`` accumulates in the head's dtype (half the memory of the accumulator,
+            16-bit GEMMs; its error grows with the number of chunks).
         **kwargs: see :class:`BaseLoss`.
     """
 
@@ -267,11 +314,17 @@ class TokenLoss(BaseLoss):
     #: holds about 4 (logits, log-softmax, gradients); built-ins that work in place need 1.
     logit_rows: int = 4
 
-    def __init__(self, chunk_size: int | None = 1024, **kwargs):
+    def __init__(self, chunk_size: int | None = 1024, head_grad_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         if chunk_size is not None and chunk_size < 0:
             raise ValueError(f"{type(self).__name__}: chunk_size must be >= 0, got {chunk_size}")
+        if head_grad_dtype not in HEAD_GRAD_DTYPES:
+            raise ValueError(
+                f"{type(self).__name__}: head_grad_dtype={head_grad_dtype!r} is not one of "
+                f"{HEAD_GRAD_DTYPES}"
+            )
         self.chunk_size = chunk_size or 0
+        self.head_grad_dtype = head_grad_dtype
 
     @property
     def token_weight_key(self) -> str:
@@ -353,14 +406,22 @@ class TokenLoss(BaseLoss):
         else:
             hidden, targets, tok_w = ctx.hidden_states[valid], ctx.labels[valid], tok_w[valid]
             extras = {k: v[valid] for k, v in ctx.extras.items()}
-        check_targets(targets, ctx.head_weight.shape[0], type(self).__name__)
-        tok_w = tok_w.to(torch.promote_types(ctx.head_weight.dtype, torch.float32))
+        check_targets(targets, ctx.vocab_size, type(self).__name__)
+        head_dtype = (ctx.head_weight if ctx.head_weight is not None else hidden).dtype
+        tok_w = tok_w.to(torch.promote_types(head_dtype, torch.float32))
         return hidden, targets, tok_w, extras, valid
 
     def forward(self, ctx: LossContext) -> LossOutput:
         hidden, targets, tok_w, extras, valid = self.valid_tokens(ctx)
         sums, n_correct = chunked_token_loss(
-            self, hidden, ctx.head_weight, ctx.head_bias, targets, tok_w, extras
+            self,
+            hidden,
+            ctx.head_weight,
+            ctx.head_bias,
+            targets,
+            tok_w,
+            extras,
+            ctx.logit_transform,
         )
         group = "+".join(sums)
         terms = {
@@ -390,35 +451,50 @@ def check_targets(targets: Tensor, vocab_size: int, owner: str) -> None:
 def chunked_token_loss(
     loss: TokenLoss,
     hidden: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     targets: Tensor,
     tok_w: Tensor,
     extras: dict[str, Tensor],
+    transform: LogitTransform | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Weighted sums of a token loss, computed chunk by chunk with gradients in forward.
 
     Args:
         loss: the token loss.
-        hidden: ``[n, D]`` hidden states of the valid tokens.
-        weight: ``[V, D]`` head weight; ``bias``: ``[V]`` or None.
+        hidden: ``[n, D]`` hidden states of the valid tokens (``[n, V]`` logits when
+            ``weight`` is None: ``head='model'``).
+        weight: ``[V, D]`` effective head weight or None; ``bias``: ``[V]`` or None.
         targets: ``[n]`` target ids; ``tok_w``: ``[n]`` token weights.
         extras: per-token extras, ``[n, ...]`` each.
+        transform: the head's logit post-processing (None: none).
 
     Returns:
         (term name -> ``sum(w * l)``, number of tokens whose target has the largest logit).
     """
     names: list[str] = []  # filled by the forward: an autograd.Function returns tensors only
+    transform = transform or LogitTransform()
+    # Under no_grad / inference_mode nothing is differentiated: no gradient is computed.
+    grad_on = torch.is_grad_enabled()
     outputs = _ChunkedTokenLoss.apply(
-        hidden, weight, bias, targets, tok_w, loss, names, list(extras), *extras.values()
+        hidden,
+        weight,
+        bias,
+        targets,
+        tok_w,
+        (loss, transform, grad_on),
+        names,
+        list(extras),
+        *extras.values(),
     )
     return dict(zip(names, outputs[:-1])), outputs[-1]
 
 
 def _chunk_pass(
     loss: TokenLoss,
+    transform: LogitTransform,
     hidden: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     targets: Tensor,
     tok_w: Tensor,
@@ -427,22 +503,41 @@ def _chunk_pass(
 ) -> tuple[dict[str, Tensor], Tensor, list[Tensor | None]]:
     """Loss sums, accuracy count and the gradients w.r.t. (hidden, weight, bias).
 
-    Per chunk: one matmul for the logits, the loss's own gradient w.r.t. the logits
-    (usually in place), then two matmuls accumulating straight into preallocated gradients.
+    Per chunk: one matmul for the raw logits, the head's post-processing, the loss's own
+    gradient w.r.t. the logits (usually in place) turned into that w.r.t. the raw logits,
+    then two matmuls accumulating straight into preallocated gradients. Without a weight
+    (``head='model'``) the rows of ``hidden`` are the logits and their gradient is stored.
     """
     n = hidden.shape[0]
     step = loss.tokens_per_chunk(n)
-    grad_h = hidden.new_empty(hidden.shape, dtype=weight.dtype) if need[0] else None
-    grad_w = torch.zeros_like(weight) if need[1] else None
-    grad_b = torch.zeros_like(bias) if need[2] and bias is not None else None
+    head_dtype = (weight if weight is not None else hidden).dtype
+    # Under torch.autocast a float32 head's GEMMs run in the autocast dtype (out= GEMMs
+    # bypass autocast, so the cast is done here, once per pass).
+    gemm_dtype = _autocast_dtype(hidden.device, head_dtype) or head_dtype
+    gemm_weight, gemm_bias = weight, bias
+    if weight is not None and gemm_dtype != head_dtype:
+        gemm_weight = weight.to(gemm_dtype)
+        gemm_bias = None if bias is None else bias.to(gemm_dtype)
+    compute_dtype = torch.promote_types(gemm_dtype, torch.float32)
+    acc_dtype = head_dtype
+    if loss.head_grad_dtype == "float32":
+        acc_dtype = torch.promote_types(head_dtype, torch.float32)
+    # A 16-bit head accumulating in float32 takes its weight gradient from the float32
+    # logits gradient (an fp32 GEMM); under autocast the GEMM stays 16-bit, summed in fp32.
+    fp32_grad_w = gemm_dtype == head_dtype and acc_dtype != head_dtype
+    grad_h = hidden.new_empty(hidden.shape, dtype=gemm_dtype) if need[0] else None
+    grad_w = None
+    if need[1] and weight is not None:
+        grad_w = torch.zeros_like(weight, dtype=acc_dtype)
+    grad_b = torch.zeros_like(bias, dtype=acc_dtype) if need[2] and bias is not None else None
     sums: dict[str, Tensor] = {}
     n_correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # The logits of every chunk go to the same buffer(s): fresh [chunk x V] allocations
-    # cost page faults on CPU. Half-precision heads also get a float32 copy.
-    rows, vocab = min(step, max(n, 1)), weight.shape[0]
-    major = vocab_major(weight.device)
-    buffer = weight.new_empty(rows * vocab)
-    compute_dtype = torch.promote_types(weight.dtype, torch.float32)
+    # cost page faults on CPU. Half-precision GEMMs also get a float32 copy.
+    vocab = weight.shape[0] if weight is not None else hidden.shape[-1]
+    rows = min(step, max(n, 1))
+    major = vocab_major(hidden.device)
+    buffer = hidden.new_empty(rows * vocab, dtype=gemm_dtype)
     upcast = None
     if buffer.dtype != compute_dtype:
         upcast = buffer.new_empty(buffer.shape, dtype=compute_dtype)
@@ -450,10 +545,16 @@ def _chunk_pass(
         # One (possibly empty) chunk even without tokens, so the term names are known.
         for start in range(0, max(n, 1), step):
             end = min(start + step, n)
-            h = hidden[start:end].to(weight.dtype)
-            logits = linear_into(h, weight, bias, logits_view(buffer, end - start, vocab, major))
+            view = logits_view(buffer, end - start, vocab, major)
+            if weight is None:
+                h = None
+                logits = view.copy_(hidden[start:end])
+            else:
+                h = hidden[start:end].to(gemm_dtype)
+                logits = linear_into(h, gemm_weight, gemm_bias, view)
             if upcast is not None:
                 logits = logits_view(upcast, end - start, vocab, major).copy_(logits)
+            saved = transform.apply_(logits)
             y = targets[start:end]
             # Correct when the target's logit is the row's maximum (cheaper than argmax).
             n_correct += (logits.gather(1, y[:, None]).squeeze(1) >= logits.amax(-1)).sum()
@@ -465,23 +566,41 @@ def _chunk_pass(
             for key, value in values.items():
                 part = (value * w).sum()
                 sums[key] = part if key not in sums else sums[key] + part
+            if not any(need):
+                continue
+            grad = full = transform.grad_(grad, saved)
             grad_for_w = None
-            if grad.dtype != weight.dtype:
+            if grad.dtype != gemm_dtype:
                 # The half-precision gradient goes to the logits buffer, free by now.
-                grad = logits_view(buffer, end - start, vocab, major).copy_(grad)
-                if major and grad_w is not None:
+                grad = logits_view(buffer, end - start, vocab, major).copy_(full)
+                if major and grad_w is not None and not fp32_grad_w:
                     # CPU half-precision GEMMs are fast only with the reduced dimension
                     # contiguous: vocabulary-major for grad_h, row-major for grad_w (else
                     # 10-70x slower here). A row-major copy costs half an fp32 chunk.
                     grad_for_w = grad.contiguous()
             if grad_h is not None:
-                torch.mm(grad, weight, out=grad_h[start:end])
+                if weight is None:
+                    grad_h[start:end].copy_(grad)
+                else:
+                    torch.mm(grad, gemm_weight, out=grad_h[start:end])
             if grad_w is not None:
-                grad_w.addmm_((grad if grad_for_w is None else grad_for_w).t(), h)
+                if fp32_grad_w:
+                    grad_w.addmm_(full.t(), h.to(acc_dtype))
+                elif grad_w.dtype == gemm_dtype:
+                    grad_w.addmm_((grad if grad_for_w is None else grad_for_w).t(), h)
+                else:
+                    grad_w.add_(torch.mm((grad if grad_for_w is None else grad_for_w).t(), h))
             if grad_b is not None:
-                grad_b.add_(grad.sum(0))
-            del grad, grad_for_w  # the next chunk overwrites the buffers
+                grad_b.add_(full.sum(0).to(acc_dtype))
+            del grad, grad_for_w, full  # the next chunk overwrites the buffers
     return sums, n_correct, [grad_h, grad_w, grad_b]
+
+
+def _autocast_dtype(device: torch.device, head_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``device`` and the head is float32."""
+    if head_dtype != torch.float32 or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 class _ChunkedTokenLoss(torch.autograd.Function):
@@ -493,29 +612,40 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     All terms share one gradient (that of their sum), so backward needs equal output
     gradients for them, which the normalisation always gives. The stored gradients are
     scaled in place and handed over (no copy of the head's gradient); a second backward
-    through the same graph (``retain_graph=True``) recomputes them.
+    through the same graph (``retain_graph=True``) recomputes them. The gradient is not
+    itself differentiable: a double backward (``create_graph=True``) raises.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tok_w, loss, names, keys, *extra_values):
-        need = tuple(ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, targets, tok_w, how, names, keys, *extra_values):
+        loss, transform, grad_on = how
+        need = tuple(grad_on and flag for flag in ctx.needs_input_grad[:3])
         extras = dict(zip(keys, extra_values))
         sums, n_correct, grads = _chunk_pass(
-            loss, hidden, weight, bias, targets, tok_w, extras, need
+            loss, transform, hidden, weight, bias, targets, tok_w, extras, need
         )
         names.extend(sums)
-        ctx.loss, ctx.keys, ctx.need, ctx.grads = loss, keys, need, grads
+        ctx.loss, ctx.transform, ctx.keys, ctx.need, ctx.grads = loss, transform, keys, need, grads
         ctx.save_for_backward(hidden, weight, bias, targets, tok_w, *extra_values)
         ctx.mark_non_differentiable(n_correct)
         return (*sums.values(), n_correct)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{type(ctx.loss).__name__}: the chunked loss computes its gradient in the "
+                "forward pass and cannot be differentiated twice (backward or autograd.grad "
+                "with create_graph=True). Compute second-order terms from the logits of a "
+                "full loss (BaseLoss, ctx.head_logits) instead."
+            )
         grads, ctx.grads = ctx.grads, None
         hidden, weight, bias, targets, tok_w, *extra_values = ctx.saved_tensors
         if grads is None:
             extras = dict(zip(ctx.keys, extra_values))
-            grads = _chunk_pass(ctx.loss, hidden, weight, bias, targets, tok_w, extras, ctx.need)[2]
+            grads = _chunk_pass(
+                ctx.loss, ctx.transform, hidden, weight, bias, targets, tok_w, extras, ctx.need
+            )[2]
         term_grads = grad_outputs[:-1]
         scale = term_grads[0]
         if len(term_grads) > 1 and not bool(torch.stack(term_grads).eq(scale).all()):

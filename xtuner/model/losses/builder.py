@@ -243,7 +243,7 @@ def _fusion_plan(losses: list[BaseLoss], factors: list[float]) -> list[tuple[Bas
     groups: dict[tuple, list[int]] = {}
     for i, loss in enumerate(losses):
         if _fusable(loss):
-            key = (loss.token_weight_key, loss.weight_key, loss.chunk_size)
+            key = (loss.token_weight_key, loss.weight_key, loss.chunk_size, loss.head_grad_dtype)
             groups.setdefault(key, []).append(i)
     plan, done = [], set()
     for i, loss in enumerate(losses):
@@ -266,6 +266,7 @@ class _FusedTokenLoss(TokenLoss):
         first = parts[0]
         super().__init__(
             chunk_size=first.chunk_size,
+            head_grad_dtype=first.head_grad_dtype,
             reduction=first.reduction,
             name="+".join(part.name for part in parts),
         )

@@ -47,6 +47,15 @@ def cross_entropy_and_grad_(
     return loss, logits
 
 
+def _head_note(ctx: LossContext) -> str | None:
+    """Why the fused kernels cannot compute this model's logits, or None."""
+    if ctx.head_weight is None:
+        return "with head='model' the logits come from the model, not from a head weight"
+    if not ctx.logit_transform.is_identity:
+        return f"the model post-processes its logits ({ctx.logit_transform})"
+    return None
+
+
 @LOSSES.register_module()
 class CrossEntropyLoss(TokenLoss):
     """Cross-entropy: ``l_t = -log softmax(z_t)[y_t]``.
@@ -119,7 +128,9 @@ class CrossEntropyLoss(TokenLoss):
 
     def forward(self, ctx: LossContext) -> LossOutput:
         has_bias = ctx.head_bias is not None
-        backend = resolve_backend(self.backend, ctx.hidden_states, has_bias, self.label_smoothing)
+        backend = resolve_backend(
+            self.backend, ctx.hidden_states, has_bias, self.label_smoothing, _head_note(ctx)
+        )
         if backend == "chunked":
             return super().forward(ctx)
         hidden, targets, tok_w, _, _ = self.valid_tokens(ctx)

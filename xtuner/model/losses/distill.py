@@ -15,6 +15,7 @@ from xtuner.registry import BUILDER, LOSSES
 from .base import LossInputError, TokenLoss
 from .cross_entropy import cross_entropy_and_grad_
 from .functional import kl_rows, linear_into, log_softmax_, row_dot, scratch
+from .head import build_output_head
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -86,6 +87,8 @@ class KDLoss(TokenLoss):
         teacher.eval().requires_grad_(False)
         # Stored outside nn.Module's registry: not a submodule, so not trained or saved.
         object.__setattr__(self, "teacher", teacher)
+        # The teacher's logits are made as its own family makes them (soft cap, scaling).
+        object.__setattr__(self, "teacher_head", build_output_head(teacher))
         self.divergence = divergence
         self.temperature = float(temperature)
         self.beta = float(beta)
@@ -123,9 +126,16 @@ class KDLoss(TokenLoss):
         return backbone
 
     def extra_inputs(self, batch: dict[str, Any], labels: Tensor) -> dict[str, Tensor]:
-        """Runs the teacher on the whole batch; returns its final hidden states."""
+        """Runs the teacher on the whole batch; returns its final hidden states.
+
+        A multimodal batch (LLaVA: ``input_ids`` holds ``IMAGE_TOKEN_INDEX`` on every image
+        patch) gives a text-only teacher the text tokens alone (see :meth:`_text_teacher`).
+        """
         self.check_fields(batch)
-        inputs = {"input_ids": batch["input_ids"]}
+        ids = batch["input_ids"]
+        if bool((ids < 0).any()):
+            return {self.teacher_key: self._text_teacher(ids, batch.get("position_ids"))}
+        inputs = {"input_ids": ids}
         mask = batch.get("attention_mask")
         if mask is not None and not bool(mask.all()):
             inputs["attention_mask"] = mask
@@ -135,19 +145,52 @@ class KDLoss(TokenLoss):
             out = self._teacher_backbone()(**inputs, use_cache=False)
         return {self.teacher_key: out.last_hidden_state}
 
+    def _text_teacher(self, ids: Tensor, position_ids: Tensor | None) -> Tensor:
+        """The teacher's hidden states in the merged (multimodal) layout, from the text only.
+
+        Each row's text tokens (ids >= 0) are packed to the left, with positions counted per
+        document; the teacher runs on that. Position ``t`` of the merged row then takes the
+        teacher's state at the last text token at or before ``t``: after an image, the last
+        patch predicts the next text token, as the text token before the image does for the
+        teacher. Image positions are never targets, so nothing else reads them.
+        """
+        is_text = ids >= 0
+        count = is_text.long().cumsum(-1)  # text tokens up to and including t
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        starts = position_ids.expand_as(ids) == 0
+        # Text tokens before the document of t (cumulative counts never decrease).
+        before = torch.where(starts, count - is_text.long(), 0).cummax(-1).values
+        rows, cols = is_text.nonzero(as_tuple=True)
+        dest = count[rows, cols] - 1
+        compact = ids.new_zeros(ids.shape[0], int(count[:, -1].max()))
+        compact_pos = torch.zeros_like(compact)
+        compact[rows, dest] = ids[rows, cols]
+        compact_pos[rows, dest] = (count - 1 - before)[rows, cols]
+        with torch.no_grad():
+            out = self._teacher_backbone()(
+                input_ids=compact, position_ids=compact_pos, use_cache=False
+            ).last_hidden_state
+        index = (count - 1).clamp_min(0)[..., None].expand(-1, -1, out.shape[-1])
+        return out.gather(1, index)
+
     def _teacher_logits(self, hidden: Tensor, like: Tensor) -> Tensor:
-        head = self.teacher.get_output_embeddings()
-        if head.weight.shape[0] != like.shape[-1]:
+        head = self.teacher_head
+        if head.vocab_size != like.shape[-1]:
             raise LossInputError(
-                f"KDLoss: the teacher's vocabulary ({head.weight.shape[0]}) differs from the "
+                f"KDLoss: the teacher's vocabulary ({head.vocab_size}) differs from the "
                 f"student's ({like.shape[-1]}); distillation needs the same tokenizer and "
                 "output size"
             )
         out = scratch("kd.teacher", like)
-        hidden = hidden.to(head.weight.dtype)
-        if head.weight.dtype != like.dtype:
-            return out.copy_(F.linear(hidden, head.weight, head.bias))
-        return linear_into(hidden, head.weight, head.bias, out)
+        with torch.no_grad(), head.materialized() as (weight, bias):
+            hidden = hidden.to(weight.dtype)
+            if weight.dtype != like.dtype:
+                out.copy_(F.linear(hidden, weight, bias))
+            else:
+                linear_into(hidden, weight, bias, out)
+        head.transform.apply_(out, key="kd.teacher_tanh")
+        return out
 
     def loss_and_grad(self, logits, targets, extras, weights):
         values, ce_grad = {}, None

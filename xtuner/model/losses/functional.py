@@ -54,12 +54,21 @@ def logits_view(flat: Tensor, rows: int, vocab: int, major: bool) -> Tensor:
 
 
 def linear_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    """``hidden @ weight.T (+ bias)`` written into ``out`` ``[n, V]``, whatever its layout."""
+    """``hidden @ weight.T (+ bias)`` written into ``out`` ``[n, V]``, whatever its layout.
+
+    The bias is added inside the GEMM (``addmm``), before its result is rounded to a 16-bit
+    ``out``, as ``F.linear`` does.
+    """
     if is_vocab_major(out):
-        torch.mm(weight, hidden.t(), out=out.t())
-    else:
+        if bias is None:
+            torch.mm(weight, hidden.t(), out=out.t())
+        else:
+            torch.addmm(bias[:, None], weight, hidden.t(), out=out.t())
+    elif bias is None:
         torch.mm(hidden, weight.t(), out=out)
-    return out if bias is None else out.add_(bias)
+    else:
+        torch.addmm(bias, hidden, weight.t(), out=out)
+    return out
 
 
 def scratch(key: str, like: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ computation) by a zero that still reaches every parameter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from mmengine.logging import print_log
@@ -29,7 +30,8 @@ from .base import LossOutput
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    # A shard or a whole batch with no valid token contributes 0 (never 0/0).
+    # A shard, a batch or a whole accumulation window with no valid token has a zero sum
+    # and a zero denominator: it contributes 0 (never 0/0).
     return num / den.clamp_min(1e-12) if den.numel() else num * 0
 
 
@@ -44,6 +46,7 @@ def finalize_loss(
     output: LossOutput,
     weights: dict[str, Tensor],
     loss_denominator: dict[str, Tensor] | None = None,
+    anchor: Callable[[], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Named loss terms and metrics, ready for mmengine's ``parse_losses``.
 
@@ -52,6 +55,9 @@ def finalize_loss(
         weights: weight key -> this shard's per-token weights.
         loss_denominator: weight key -> effective global denominator, or None for the
             micro-batch mean.
+        anchor: makes the zero that replaces a skipped term (one reaching every trainable
+            parameter directly, so no gradient passes through non-finite activations);
+            None uses the loss's own anchor.
 
     Raises:
         FloatingPointError: a term with ``nonfinite='raise'`` is NaN or Inf.
@@ -62,14 +68,18 @@ def finalize_loss(
     for name, term in output.terms.items():
         key = term_key(name, len(output.terms))
         if term.denominator is not None:
-            grads[key] = _safe_div(term.value, term.denominator)
-            shown[key] = grads[key].detach()
+            # The term's own denominator covers the whole sequence: the shards' values add
+            # up (and data-parallel averaging divides by sp, multiplied back here).
+            den = term.denominator.to(term.value)
+            shown[key] = _safe_div(sp_all_reduce_sum(term.value.detach()), den)
+            grads[key] = _safe_div(term.value * sp, den)
             continue
         local_den = weights[term.weight_key].sum().to(term.value)
         group_den = sp_all_reduce_sum(local_den)
         shown[key] = _safe_div(sp_all_reduce_sum(term.value), group_den)
         if loss_denominator is not None and term.weight_key in loss_denominator:
-            grads[key] = term.value / loss_denominator[term.weight_key].to(term.value)
+            # A window without any valid token (global denominator 0) contributes 0.
+            grads[key] = _safe_div(term.value, loss_denominator[term.weight_key].to(term.value))
         else:
             # Data-parallel averaging also divides by the sequence-parallel ranks, which all
             # hold parts of the same sequence: multiply back by sp.
@@ -78,7 +88,8 @@ def finalize_loss(
     result: dict[str, Tensor] = {}
     for key, value in shown.items():
         if key in dropped:
-            zero = output.anchor if output.anchor is not None else value.new_zeros(())
+            zero = anchor() if anchor is not None else output.anchor
+            zero = zero if zero is not None else value.new_zeros(())
             result[key] = zero if zero.requires_grad else zero.requires_grad_()
         else:
             result[key] = value.detach() + (grads[key] - grads[key].detach())

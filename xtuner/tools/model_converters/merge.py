@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--safe-serialization", action="store_true", default=True)
 
     def body() -> int:
+        # Arguments first: a mistyped flag is reported before torch loads.
+        args = parser.parse_args(argv)
         import torch
         from peft import PeftModel
 
-        args = parser.parse_args(argv)
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no GPU is visible; use --device cpu")
         load = {"dtype": torch.float32}

@@ -11,14 +11,14 @@ import argparse
 import glob
 import os.path as osp
 
-import torch
-
 from xtuner._compat import trust_checkpoint_path
 from xtuner.tools.utils import UserError, add_cfg_options, load_config, run_tool
 
 
 def load_state_dict(path: str) -> dict:
     """The model weights of an mmengine ``.pth`` file or a DeepSpeed checkpoint folder."""
+    import torch
+
     trust_checkpoint_path(path)
     if osp.isdir(path):
         files = sorted(glob.glob(osp.join(path, "**", "*model_states.pt"), recursive=True))
@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     add_cfg_options(parser)
 
     def body() -> int:
+        # Arguments first: a mistyped flag is reported before torch loads.
+        args = parser.parse_args(argv)
         from xtuner.registry import BUILDER
 
-        args = parser.parse_args(argv)
         cfg = load_config(args.config, args.cfg_options)
         model = BUILDER.build(cfg.model)
         state = load_state_dict(args.pth_model)
