@@ -45,6 +45,7 @@ PROMPT_KEYS = {
     "gemma",
     "cohere_chat",
     "llama3_chat",
+    "deepseek_r1",
     "phi3_chat",
 }
 SYSTEM_KEYS = {
@@ -88,7 +89,7 @@ def test_constants():
 
 def test_prompt_template_keys():
     assert set(PROMPT_TEMPLATE) == PROMPT_KEYS
-    assert len(PROMPT_TEMPLATE) == 27
+    assert len(PROMPT_TEMPLATE) == 28  # the 27 of XTuner 0.x and deepseek_r1
 
 
 def test_system_template_keys():

@@ -15,13 +15,27 @@ import sys
 
 MODES = {
     "train": ("xtuner.tools.train", "train a model from a config (path or bundled name)"),
-    "convert": ("xtuner.tools.model_converters", "pth_to_hf | merge: checkpoints to HF models"),
+    "chat": ("xtuner.tools.chat", "chat with a model in the terminal, or answer a prompts file"),
+    "test": ("xtuner.tools.test", "evaluate a checkpoint with the config's test set and metric"),
+    "mmbench": ("xtuner.tools.mmbench", "answer an MMBench TSV with a LLaVA model"),
+    "convert": (
+        "xtuner.tools.model_converters",
+        "pth_to_hf | merge | split: checkpoints to HF models",
+    ),
     "list-cfg": ("xtuner.tools.list_cfg", "list the bundled configs [-p PATTERN]"),
     "copy-cfg": ("xtuner.tools.copy_cfg", "copy a bundled config: copy-cfg NAME DIR"),
     "log-dataset": ("xtuner.tools.log_dataset", "show processed samples of a config's data"),
     "check-custom-dataset": (
         "xtuner.tools.check_custom_dataset",
         "report every problem of a config's data in one pass",
+    ),
+    "process_untokenized_datasets": (
+        "xtuner.tools.process_untokenized_datasets",
+        "tokenise a config's training data once, offline (--save-folder DIR)",
+    ),
+    "process_untokenized_llava_data": (
+        "xtuner.tools.process_untokenized_llava_data",
+        "tokenise a LLaVA config's conversations once, offline (--save-folder DIR)",
     ),
     "list-dataset-format": ("xtuner.tools.list_dataset_format", "list the data map functions"),
     "check-loss": (

@@ -59,11 +59,11 @@ def write_config(
     return str(path)
 
 
-def run_xtuner(*args, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
+def run_xtuner(*args, env=None, timeout=600, cwd=None, input=None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "xtuner.entry_point", *args]
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd
+        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd, input=input
     )
 
 

@@ -184,6 +184,13 @@ PROMPT_TEMPLATE = ConfigDict(
         SUFFIX_AS_EOS=True,
         STOP_WORDS=["<|eot_id|>"],
     ),
+    # DeepSeek-R1 and its distilled Qwen / Llama models: the system text stands alone at the
+    # start; a reply (its <think> block included) ends with EOS.
+    deepseek_r1=dict(
+        SYSTEM="{system}",
+        INSTRUCTION="<｜User｜>{input}<｜Assistant｜>",
+        STOP_WORDS=["<｜end▁of▁sentence｜>"],
+    ),
     phi3_chat=dict(
         SYSTEM="<|system|>\n{system}<|end|>\n",
         INSTRUCTION="<|user|>\n{input}<|end|>\n<|assistant|>\n",

@@ -29,6 +29,79 @@ class StopWordStoppingCriteria(StoppingCriteria):
         return text.rstrip().endswith(self.stop_word)
 
 
+def generation_config(tokenizer, max_new_tokens: int, **kwargs) -> GenerationConfig:
+    """Greedy decoding (unless ``kwargs`` say otherwise) that ends at the tokenizer's EOS."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    kwargs.setdefault("do_sample", False)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        **kwargs,
+    )
+
+
+def generate_reply(
+    llm, tokenizer, inputs: dict, config: GenerationConfig, stop_words: list[str], streamer=None
+) -> list[int]:
+    """The new token ids ``llm`` generates for ``inputs``, ending at a stop word or EOS.
+
+    Args:
+        llm: a causal language model (HF ``generate``).
+        tokenizer: its tokenizer (decodes the new tokens for the stop-word check).
+        inputs: ``input_ids`` (the prompt) or ``inputs_embeds``, with ``attention_mask``
+            (all ones when missing).
+        config: the generation settings (see :func:`generation_config`).
+        stop_words: generation ends once the new text ends with one of them (it is kept).
+        streamer: an HF streamer (e.g. ``TextStreamer``) that prints tokens as they come.
+
+    Returns:
+        The generated ids, the prompt excluded.
+    """
+    inputs = dict(inputs)
+    key = "input_ids" if "input_ids" in inputs else "inputs_embeds"
+    inputs.setdefault("attention_mask", torch.ones(inputs[key].shape[:2], dtype=torch.long))
+    inputs["attention_mask"] = inputs["attention_mask"].to(inputs[key].device)
+    # Generation from embeddings returns the new tokens only; from ids, the prompt too.
+    prompt_len = inputs["input_ids"].shape[1] if key == "input_ids" else 0
+    criteria = StoppingCriteriaList(
+        StopWordStoppingCriteria(tokenizer, word, prompt_len) for word in stop_words
+    )
+    out = llm.generate(
+        **inputs, generation_config=config, stopping_criteria=criteria, streamer=streamer
+    )
+    return out[0, prompt_len:].tolist()
+
+
+def load_image(path: str, image_processor) -> torch.Tensor:
+    """An image file as the model's ``pixel_values`` of one image (padded to a square with the
+    processor's mean colour, as XTuner 0.x does)."""
+    from PIL import Image
+
+    from xtuner.dataset.llava import expand2square
+
+    mean = tuple(int(x * 255) for x in image_processor.image_mean)
+    with Image.open(path) as image:
+        image = expand2square(image.convert("RGB"), mean)
+    return image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
+def image_prompt_inputs(model, tokenizer, prompt: str, pixel_values: torch.Tensor) -> dict:
+    """``inputs_embeds`` and ``attention_mask`` of a prompt with ``<image>`` replaced by the
+    image features of a multimodal model (``LLaVAModel.prepare_inputs``)."""
+    ids: list[int] = []
+    for i, chunk in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
+        if i:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids += tokenizer.encode(chunk, add_special_tokens=i == 0)
+    device = pixel_values.device
+    data = {"input_ids": torch.tensor([ids], device=device), "pixel_values": pixel_values}
+    inputs, _ = model.prepare_inputs(data)
+    return {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+
+
 @contextmanager
 def keep_4bit_weights_trainable(model: torch.nn.Module):
     """Generation without repacking bitsandbytes 4-bit weights for the CPU inference kernel.
@@ -131,16 +204,10 @@ class EvaluateChatHook(Hook):
         self._pixel_values = []
         if not self.evaluation_images or self.image_processor is None:
             return self._pixel_values
-        from PIL import Image
-
-        from xtuner.dataset.llava import expand2square
-
-        mean = tuple(int(x * 255) for x in self.image_processor.image_mean)
         loaded = []
         for path in self.evaluation_images:
             try:
-                with Image.open(path) as image:
-                    image = expand2square(image.convert("RGB"), mean)
+                loaded.append(load_image(path, self.image_processor))
             except (OSError, ValueError) as e:
                 print_log(
                     f"EvaluateChatHook: cannot read evaluation image {path!r} ({e}); the "
@@ -149,24 +216,8 @@ class EvaluateChatHook(Hook):
                     level=30,
                 )
                 return self._pixel_values
-            processed = self.image_processor.preprocess(image, return_tensors="pt")
-            loaded.append(processed["pixel_values"][0])
         self._pixel_values = loaded * (len(self.evaluation_inputs) if len(loaded) == 1 else 1)
         return self._pixel_values
-
-    def _image_inputs(self, model, prompt: str, pixel_values: torch.Tensor, device) -> dict:
-        """``inputs_embeds`` and ``attention_mask`` of a prompt with its image merged in."""
-        ids: list[int] = []
-        for i, chunk in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
-            if i:
-                ids.append(IMAGE_TOKEN_INDEX)
-            ids += self.tokenizer.encode(chunk, add_special_tokens=i == 0)
-        data = {"input_ids": torch.tensor([ids], device=device), "pixel_values": pixel_values}
-        inputs, _ = model.prepare_inputs(data)
-        return {
-            "inputs_embeds": inputs["inputs_embeds"],
-            "attention_mask": inputs["attention_mask"],
-        }
 
     @torch.no_grad()
     def generate(self, model) -> list[str]:
@@ -176,16 +227,7 @@ class EvaluateChatHook(Hook):
         use_cache = llm.config.use_cache
         llm.eval()
         llm.config.use_cache = True
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=pad_id,
-            **self.generation_kwargs,
-        )
+        config = generation_config(self.tokenizer, self.max_new_tokens, **self.generation_kwargs)
         images = self._load_images() if hasattr(model, "prepare_inputs") else []
         outputs = []
         try:
@@ -195,25 +237,14 @@ class EvaluateChatHook(Hook):
                         if DEFAULT_IMAGE_TOKEN not in text:
                             text = f"{DEFAULT_IMAGE_TOKEN}\n{text}"
                         pixel_values = images[i][None].to(device)
-                        inputs = self._image_inputs(
-                            model, self.build_prompt(text), pixel_values, device
+                        inputs = image_prompt_inputs(
+                            model, self.tokenizer, self.build_prompt(text), pixel_values
                         )
-                        prompt_len = 0  # generation from embeddings returns the new tokens only
                     else:
                         ids = self.tokenizer(self.build_prompt(text), return_tensors="pt").input_ids
-                        ids = ids.to(device)
-                        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                        prompt_len = ids.shape[1]
-                    criteria = StoppingCriteriaList(
-                        StopWordStoppingCriteria(self.tokenizer, w, prompt_len)
-                        for w in self.stop_words
-                    )
-                    out = llm.generate(
-                        **inputs, generation_config=config, stopping_criteria=criteria
-                    )
-                    outputs.append(
-                        self.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=False)
-                    )
+                        inputs = {"input_ids": ids.to(device)}
+                    new_ids = generate_reply(llm, self.tokenizer, inputs, config, self.stop_words)
+                    outputs.append(self.tokenizer.decode(new_ids, skip_special_tokens=False))
         finally:
             llm.config.use_cache = use_cache
             llm.train(was_training)

@@ -1,4 +1,4 @@
-"""``xtuner convert pth_to_hf|merge``: turn training checkpoints into HF models."""
+"""``xtuner convert pth_to_hf|merge|split``: training checkpoints to HF models, and back."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "pth_to_hf": "xtuner.tools.model_converters.pth_to_hf",
     "merge": "xtuner.tools.model_converters.merge",
+    "split": "xtuner.tools.model_converters.split",
 }
 
 

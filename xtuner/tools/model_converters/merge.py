@@ -1,10 +1,16 @@
-"""``xtuner convert merge BASE ADAPTER SAVE_DIR``: fold a LoRA adapter into its base model."""
+"""``xtuner convert merge BASE ADAPTER SAVE_DIR``: fold a LoRA adapter into its base model.
+
+``--is-clip`` merges a vision-encoder adapter (the ``visual_encoder_adapter`` folder a LLaVA
+``pth_to_hf`` writes) into its CLIP vision model, and copies the image processor along.
+``--device`` says where the merge runs (``cpu``, ``cuda``, or ``auto`` to spread a big model
+over the GPUs).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from xtuner.tools.utils import run_tool
+from xtuner.tools.utils import UserError, run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,20 +19,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", help="the adapter folder (pth_to_hf output)")
     parser.add_argument("save_dir", help="where the merged model is written")
     parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--is-clip", action="store_true", help="BASE is a CLIP vision model")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--safe-serialization", action="store_true", default=True)
 
     def body() -> int:
         # Arguments first: a mistyped flag is reported before torch loads.
         args = parser.parse_args(argv)
         import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no GPU is visible; use --device cpu")
+        load = {"dtype": torch.float32}
+        load["device_map"] = "auto" if args.device == "auto" else {"": args.device}
+        if args.is_clip:
+            from transformers import AutoImageProcessor as Processor
+            from transformers import CLIPVisionModel as Model
+        else:
+            from transformers import AutoModelForCausalLM as Model
+            from transformers import AutoTokenizer as Processor
+        model = Model.from_pretrained(args.base, **load)
         merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-        merged.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
+        merged.save_pretrained(
+            args.save_dir,
+            max_shard_size=args.max_shard_size,
+            safe_serialization=args.safe_serialization,
+        )
         for source in (args.adapter, args.base):
             try:
-                AutoTokenizer.from_pretrained(source).save_pretrained(args.save_dir)
+                Processor.from_pretrained(source).save_pretrained(args.save_dir)
                 break
             except (OSError, ValueError):
                 continue
