@@ -18,6 +18,8 @@ import json
 import math
 import os
 import os.path as osp
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,9 +153,6 @@ def write_matrix_config(folder, assets, method: str, model: str, loss: str) -> s
 def run_console_script(*args, env=None, cwd=None):
     """``xtuner ...`` as a user types it: the console script, whose ``sys.path`` has neither
     the current directory nor the config's folder (``python -m`` would add the former)."""
-    import subprocess
-    import sys
-
     script = osp.join(osp.dirname(sys.executable), "xtuner")
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(

@@ -115,9 +115,8 @@ def test_every_tool_finds_the_user_module(layout, module_in):
     root, data, assets = layout
     config_dir, elsewhere = root / "config_dir", root / "elsewhere"
     # The module is beside the config, or in the directory the user runs xtuner from.
-    (config_dir if module_in == "config_dir" else elsewhere / "").joinpath(
-        "my_parts.py"
-    ).write_text(USER_MODULE)
+    module_dir = config_dir if module_in == "config_dir" else elsewhere
+    (module_dir / "my_parts.py").write_text(USER_MODULE)
     marker = root / "hook_ran"
     cfg = write_user_config(config_dir, assets, data, marker)
     cwd = str(elsewhere)
