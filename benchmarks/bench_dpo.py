@@ -29,20 +29,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import os.path as osp
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from bench_loss import GIB, _reset_peak, _status_kib  # noqa: E402
+from bench_loss import GIB, measure_forward_backward  # noqa: E402
 
 METHODS = ("full", "chunked")
 BETA = 0.1
@@ -112,28 +110,10 @@ def worker(args) -> dict:
     cuda = args.device == "cuda"
     h, w, ref_h, ref_w, y = make_inputs(args.tokens, args.vocab, args.hidden, dtype, args.device)
     fn = build_method(args.worker, h, w, ref_h, ref_w, y, args.chunk_size)
-    if cuda:  # warm-up
-        fn().backward()
-        h.grad = w.grad = None
-        torch.cuda.synchronize()
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _status_kib("VmRSS") << 10
-        _reset_peak()
-    wall = time.perf_counter()
-    loss = fn()
-    loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - wall
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") << 10
+    loss, wall, _, extra = measure_forward_backward(fn, h, w, cuda)
     mine = {"loss": loss.detach().cpu(), "grad_h": h.grad.cpu(), "grad_w": w.grad.cpu()}
     path = osp.join(args.ref_dir, "full.pt")
-    result = {"wall_s": wall, "extra_gib": (peak - base) / GIB, "loss": float(loss)}
+    result = {"wall_s": wall, "extra_gib": extra / GIB, "loss": float(loss)}
     if args.worker == "full":
         torch.save(mine, path)
     elif osp.exists(path):

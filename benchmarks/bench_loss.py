@@ -43,6 +43,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import os.path as osp
@@ -217,7 +218,6 @@ def _compare(ours, ref) -> dict:
 
 def worker(args) -> dict:
     """Runs one method once; returns its measurements (printed as JSON by ``main``)."""
-    import gc
 
     dtype = getattr(torch, DTYPES[args.dtype])
     teacher = args.worker.startswith("kd")
@@ -230,7 +230,35 @@ def worker(args) -> dict:
         return {"skipped": "torch.nn.functional.linear_cross_entropy is not in this torch"}
     if isinstance(fn, str):
         return {"skipped": fn}
-    if cuda:  # warm-up: compilation, autotuning and workspaces are not what we measure
+    loss, wall, cpu, extra = measure_forward_backward(fn, h, w, cuda)
+    result = {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "extra_gib": extra / GIB,
+        "loss": float(loss),
+        "threads": torch.get_num_threads(),
+        "load": os.getloadavg()[0],
+    }
+    mine = {"loss": loss.detach().cpu(), "grad_h": h.grad.cpu(), "grad_w": w.grad.cpu()}
+    path = osp.join(args.ref_dir, f"{args.worker}.pt")
+    if args.worker in REFERENCE.values():
+        torch.save(mine, path)
+    ref_name = REFERENCE.get(args.worker)
+    if ref_name and osp.exists(osp.join(args.ref_dir, f"{ref_name}.pt")):
+        ref = torch.load(osp.join(args.ref_dir, f"{ref_name}.pt"))
+        result["vs"] = ref_name
+        result.update(_compare(mine, ref))
+    return result
+
+
+def measure_forward_backward(fn, h, w, cuda: bool) -> tuple[torch.Tensor, float, float, int]:
+    """Runs ``fn().backward()`` once and measures it.
+
+    On CUDA a warm-up pass runs first (compilation, autotuning and workspaces are not what we
+    measure). Returns ``(loss, wall seconds, CPU seconds, extra peak bytes)``: the peak above
+    what was allocated before the pass (CUDA allocator, or the resident set on CPU).
+    """
+    if cuda:
         fn().backward()
         h.grad = w.grad = None
         torch.cuda.synchronize()
@@ -249,24 +277,7 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") << 10
-    result = {
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "extra_gib": (peak - base) / GIB,
-        "loss": float(loss),
-        "threads": torch.get_num_threads(),
-        "load": os.getloadavg()[0],
-    }
-    mine = {"loss": loss.detach().cpu(), "grad_h": h.grad.cpu(), "grad_w": w.grad.cpu()}
-    path = osp.join(args.ref_dir, f"{args.worker}.pt")
-    if args.worker in REFERENCE.values():
-        torch.save(mine, path)
-    ref_name = REFERENCE.get(args.worker)
-    if ref_name and osp.exists(osp.join(args.ref_dir, f"{ref_name}.pt")):
-        ref = torch.load(osp.join(args.ref_dir, f"{ref_name}.pt"))
-        result["vs"] = ref_name
-        result.update(_compare(mine, ref))
-    return result
+    return loss, wall, cpu, peak - base
 
 
 def _run_worker(args, method: str, tokens: int, vocab: int, dtype: str, ref_dir: str) -> dict:
