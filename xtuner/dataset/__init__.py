@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "process_ms_dataset": ".modelscope",
         "ConcatDataset": ".concat_dataset",
         "LLaVADataset": ".llava",
+        "InternVL_V1_5_Dataset": ".internvl_dataset",
         "expand2square": ".llava",
         "encode_fn": ".utils",
     },
