@@ -41,7 +41,10 @@ FAMILIES = {
     "mistral_": "MistralForCausalLM",
     "ministral_": "MistralForCausalLM",
     "llava_qwen2_5_": "Qwen2ForCausalLM",
+    "internvl3_": "InternVLForConditionalGeneration",
 }
+# Multimodal families whose tiny stand-in is built by their own test below.
+MULTIMODAL = {"llava_qwen2_5_", "internvl3_"}
 CONFIG_CLASS = {
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
@@ -158,7 +161,7 @@ def tiny_models(tmp_path_factory, demo_assets) -> dict[str, str]:
     tokenizer = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
     root = tmp_path_factory.mktemp("tiny_models")
     paths = {}
-    for model_class in sorted(set(FAMILIES.values())):
+    for model_class in sorted({FAMILIES[f] for f in FAMILIES if f != "internvl3_"}):
         torch.manual_seed(0)
         config = _tiny_config(CONFIG_CLASS[model_class], len(tokenizer), tokenizer)
         model = AutoModelForCausalLM.from_config(config)
@@ -267,7 +270,7 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
         build_tiny_clip,
     )
 
-    assert {family_of(n) for n in TRAINED} | {"llava_qwen2_5_"} == set(FAMILIES)
+    assert {family_of(n) for n in TRAINED} | MULTIMODAL == set(FAMILIES)
     data = _alpaca_dir(tmp_path, demo_assets)
     jobs = []
     for name in TRAINED:
@@ -305,9 +308,28 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
     ft = tiny_version(finetune, ft_settings, str(tmp_path))
     jobs += [(pre, str(tmp_path / pretrain)), (ft, str(tmp_path / finetune))]
 
+    # InternVL: a tiny native InternVL (tiny InternVL vision tower, tiny Qwen2).
+    from xtuner.demo.internvl import build_tiny_internvl, write_internvl_data
+
+    internvl = build_tiny_internvl(str(tmp_path / "internvl"), demo_assets["tokenizer"])
+    internvl_data = write_internvl_data(str(tmp_path / "internvl_data"), repeat=12)
+    (internvl_name,) = [n for n in BUNDLED if n.startswith("internvl3_")]
+    internvl_settings = {
+        "path": repr(internvl),
+        "data_path": repr(internvl_data["data"]),
+        "image_folder": repr(internvl_data["image_folder"]),
+        "max_length": "512",
+        "batch_size": "2",
+        "accumulative_counts": "1",
+        "dataloader_num_workers": "0",
+    }
+    cfg = tiny_version(internvl_name, internvl_settings, str(tmp_path))
+    jobs.append((cfg, str(tmp_path / internvl_name)))
+
     out = _train_all(jobs)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    for name, terms in [*TRAINED.items(), (pretrain, {"loss"}), (finetune, {"loss"})]:
+    multimodal = [(pretrain, {"loss"}), (finetune, {"loss"}), (internvl_name, {"loss"})]
+    for name, terms in [*TRAINED.items(), *multimodal]:
         records = _logged(str(tmp_path / name))
         assert [r["step"] for r in records] == [1, 2, 3], name
         for record in records:
