@@ -139,6 +139,14 @@ def test_lora_on_each_side_and_what_trains(internvl_path):
     model(batch(internvl_path), mode="loss")["loss"].backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if n in lora)
 
+    # LoRA on the LLM only: no adapter in the vision tower, which trains in full.
+    llm_only = build(internvl_path, llm_lora=dict(LORA, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in llm_only.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if "lora_" in n}
+    assert lora and all(".language_model." in n for n in lora)
+    vision = {n for n, _ in llm_only.named_parameters() if ".vision_tower." in n}
+    assert vision <= trainable
+
     frozen = build(internvl_path, freeze_llm=True, freeze_visual_encoder=True)
     assert {n for n, p in frozen.named_parameters() if p.requires_grad} == {
         n for n, _ in frozen.named_parameters() if "multi_modal_projector" in n
