@@ -20,13 +20,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 LOSSES = {"ce": None, "focal_sample": dict(type="FocalLoss", gamma=2.0, reduction="sample")}
 
 
-def loss_and_grads(path: str, loss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(path: str, loss) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     from tests.model.test_internvl import batch, build, grads
 
     model = build(path, loss=loss, attn_implementation="sdpa")
     out = model(batch(path), mode="loss")
     out["loss"].backward()
-    return out["loss"].detach(), grads(model)
+    config = model.base_llm.config
+    kernels = {
+        "text": config.text_config._attn_implementation,
+        "vision": config.vision_config._attn_implementation,
+    }
+    return out["loss"].detach(), grads(model), kernels
 
 
 def main() -> None:
@@ -39,7 +44,7 @@ def main() -> None:
     init_sequence_parallel(2)
     results = {}
     for name, loss in LOSSES.items():
-        value, grads = loss_and_grads(path, loss)
+        value, grads, kernels = loss_and_grads(path, loss)
         for g in grads.values():
             dist.all_reduce(g)
             g /= dist.get_world_size()
@@ -48,6 +53,7 @@ def main() -> None:
             "ref_grads": reference[name][1],
             "sp_loss": value,
             "sp_grads": grads,
+            "sp_kernels": kernels,
         }
     if dist.get_rank() == 0:
         torch.save(results, out)

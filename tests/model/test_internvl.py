@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 from tests.tools.test_train_cli import losses_of, run_xtuner
 from xtuner.model.internvl import ContextTokenSplice, InternVL_V1_5
+from xtuner.model.modules.sequence_parallel_attention import PREFIX
 from xtuner.utils.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 HERE = osp.dirname(osp.abspath(__file__))
@@ -215,6 +216,8 @@ def test_sequence_parallel_2_equals_1(internvl_path, tmp_path):
     assert set(results) == {"ce", "focal_sample"}
     for name, r in results.items():
         torch.testing.assert_close(r["sp_loss"], r["ref_loss"], rtol=1e-5, atol=1e-6, msg=name)
+        # Ulysses attention on the text; the vision tower (tiles are not split) keeps its own.
+        assert r["sp_kernels"] == {"text": PREFIX + "sdpa", "vision": "sdpa"}, r["sp_kernels"]
         assert r["sp_grads"].keys() == r["ref_grads"].keys()
         assert any(".vision_tower." in k for k in r["ref_grads"])
         for key, ref in r["ref_grads"].items():

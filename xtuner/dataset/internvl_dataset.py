@@ -98,6 +98,114 @@ class ImageTiler:
         return tiles
 
 
+class InternVLImageTokens:
+    """How a checkpoint's images become tiles and tokens (used for training and chat).
+
+    Args:
+        model_path: the checkpoint folder (its config and ``preprocessor_config.json``).
+        tokenizer: its tokenizer (the image tokens' ids are read from it).
+        min_dynamic_patch: fewest tiles per image (default: the checkpoint's, else 1).
+        max_dynamic_patch: most tiles per image (default: the checkpoint's, else 12).
+        use_thumbnail: add a thumbnail tile to multi-tile images (default True).
+        image_size: tile side (default: the checkpoint's, else the vision tower's).
+
+    Raises:
+        ValueError: the tokenizer lacks the image tokens or does not fit the checkpoint.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        min_dynamic_patch: int | None = None,
+        max_dynamic_patch: int | None = None,
+        use_thumbnail: bool | None = None,
+        image_size: int | None = None,
+    ):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+        processor_cfg = _json(osp.join(str(model_path), "preprocessor_config.json"))
+        vision = config.vision_config
+        size = (
+            image_size
+            or (processor_cfg.get("size") or {}).get("height")
+            or _side(vision.image_size)
+        )
+        self.tiler = ImageTiler(
+            size,
+            min_dynamic_patch or processor_cfg.get("min_patches", 1),
+            max_dynamic_patch or processor_cfg.get("max_patches", 12),
+            True if use_thumbnail is None else use_thumbnail,
+            tuple(processor_cfg.get("image_mean", IMAGENET_MEAN)),
+            tuple(processor_cfg.get("image_std", IMAGENET_STD)),
+        )
+        #: image-context tokens per tile.
+        self.tokens_per_tile = int(
+            (size // _side(vision.patch_size)) ** 2 * config.downsample_ratio**2
+        )
+        names = [
+            getattr(tokenizer, "start_image_token", None) or IMG_START_TOKEN,
+            getattr(tokenizer, "context_image_token", None) or IMG_CONTEXT_TOKEN,
+            getattr(tokenizer, "end_image_token", None) or IMG_END_TOKEN,
+        ]
+        vocab = tokenizer.get_vocab()
+        missing = [n for n in names if n not in vocab]
+        if missing:
+            raise ValueError(
+                f"the tokenizer has no {missing} token(s): InternVL writes each image as "
+                f"{names[0]}{names[1]}...{names[2]}; use the checkpoint's own tokenizer"
+            )
+        self.start_id, self.context_id, self.end_id = (vocab[n] for n in names)
+        if self.context_id != config.image_token_id:
+            raise ValueError(
+                f"the tokenizer's {names[1]} is id {self.context_id}, but the model's "
+                f"config.image_token_id is {config.image_token_id}: the tokenizer does not "
+                "belong to this checkpoint"
+            )
+
+    def expand(
+        self,
+        input_ids: list[int],
+        labels: list[int],
+        images: list[torch.Tensor],
+        max_length: int | None = None,
+    ) -> tuple[list[int], list[int], list[torch.Tensor]]:
+        """Writes each image token as its tile tokens, then cuts at ``max_length``.
+
+        Args:
+            input_ids: the text's ids, ``IMAGE_TOKEN_INDEX`` per image.
+            labels: the text's labels.
+            images: the tiles ``[n_i, 3, S, S]`` of each image token, in order.
+            max_length: the most tokens kept (None: all).
+
+        Returns:
+            ``(input_ids, labels, images kept)``: an image that would be cut is dropped,
+            with everything after it.
+        """
+        ids_out: list[int] = []
+        labels_out: list[int] = []
+        starts = []
+        for token, label in zip(input_ids, labels):
+            if token != IMAGE_TOKEN_INDEX:
+                ids_out.append(token)
+                labels_out.append(label)
+                continue
+            n = images[len(starts)].shape[0] * self.tokens_per_tile
+            starts.append(len(ids_out))
+            block = [self.start_id, *[self.context_id] * n, self.end_id]
+            ids_out += block
+            labels_out += [IGNORE_INDEX] * len(block)
+        cut = len(ids_out) if max_length is None else max_length
+        kept = len(starts)
+        for j, start in enumerate(starts):
+            end = start + images[j].shape[0] * self.tokens_per_tile + 2
+            if end > cut:
+                cut, kept = min(cut, start), j
+                break
+        return ids_out[:cut], labels_out[:cut], images[:kept]
+
+
 class _TiledRecords(LLaVADataset):
     """One data file: LLaVA records whose images load as InternVL tiles."""
 
@@ -148,37 +256,23 @@ class InternVL_V1_5_Dataset(Dataset):  # noqa: N801 (the XTuner 0.x name)
         dataset_map_fn: Any = None,
         seed: int = 0,
     ):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
         from xtuner.registry import BUILDER
 
         super().__init__()
         data_paths, image_folders, repeat_times = _per_file(data_paths, image_folders, repeat_times)
-        config = AutoConfig.from_pretrained(model_path)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
         elif isinstance(tokenizer, dict):
             tokenizer = BUILDER.build(tokenizer)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._token_ids(config)
-        processor_cfg = _json(osp.join(str(model_path), "preprocessor_config.json"))
-        vision_size = config.vision_config.image_size
-        vision_size = vision_size if isinstance(vision_size, int) else vision_size[0]
-        patch = config.vision_config.patch_size
-        patch = patch if isinstance(patch, int) else patch[0]
-        size = image_size or (processor_cfg.get("size") or {}).get("height") or vision_size
-        self.tiler = ImageTiler(
-            size,
-            min_dynamic_patch or processor_cfg.get("min_patches", 1),
-            max_dynamic_patch or processor_cfg.get("max_patches", 12),
-            True if use_thumbnail is None else use_thumbnail,
-            tuple(processor_cfg.get("image_mean", IMAGENET_MEAN)),
-            tuple(processor_cfg.get("image_std", IMAGENET_STD)),
+        self.image_tokens = InternVLImageTokens(
+            model_path, tokenizer, min_dynamic_patch, max_dynamic_patch, use_thumbnail, image_size
         )
-        #: image-context tokens per tile.
-        self.tokens_per_tile = int((size // patch) ** 2 * config.downsample_ratio**2)
+        self.tiler = self.image_tokens.tiler
         template_fn = dict(type=template_map_fn_factory, template=template)
         self.parts = [
             _TiledRecords(
@@ -199,35 +293,14 @@ class InternVL_V1_5_Dataset(Dataset):  # noqa: N801 (the XTuner 0.x name)
             for i in _repeated(len(part), times, rng)
         ]
 
-    def _token_ids(self, config) -> None:
-        tok = self.tokenizer
-        names = [
-            getattr(tok, "start_image_token", None) or IMG_START_TOKEN,
-            getattr(tok, "context_image_token", None) or IMG_CONTEXT_TOKEN,
-            getattr(tok, "end_image_token", None) or IMG_END_TOKEN,
-        ]
-        vocab = tok.get_vocab()
-        missing = [n for n in names if n not in vocab]
-        if missing:
-            raise ValueError(
-                f"the tokenizer has no {missing} token(s): InternVL writes each image as "
-                f"{names[0]}{names[1]}...{names[2]}; use the checkpoint's own tokenizer"
-            )
-        self.img_start_id, self.img_context_id, self.img_end_id = (vocab[n] for n in names)
-        if self.img_context_id != config.image_token_id:
-            raise ValueError(
-                f"the tokenizer's {names[1]} is id {self.img_context_id}, but the model's "
-                f"config.image_token_id is {config.image_token_id}: the tokenizer does not "
-                "belong to this checkpoint"
-            )
-
     # lengths -------------------------------------------------------------------------------
     @property
     def modality_length(self) -> list[int]:
         """Estimated length of each sample (images at their most tiles), negative without
         an image (for ``LengthGroupedSampler(length_property='modality_length')``)."""
-        per_image = self.tokens_per_tile * self.tiler.processor.max_patches + 2
-        per_image += self.tokens_per_tile * self.tiler.use_thumbnail
+        tokens_per_tile = self.image_tokens.tokens_per_tile
+        per_image = tokens_per_tile * (self.tiler.processor.max_patches + self.tiler.use_thumbnail)
+        per_image += 2
         text = [part.modality_length for part in self.parts]
         tokens = [part._image_tokens for part in self.parts]
         out = []
@@ -250,7 +323,9 @@ class InternVL_V1_5_Dataset(Dataset):  # noqa: N801 (the XTuner 0.x name)
         sample = dict(part.text_data[i])
         k = int(part._image_tokens[i])
         images = [part.load_image(f, i) for f in _image_list(sample.get("image"))[:k]]
-        ids, labels, kept = self.expand(sample["input_ids"], sample["labels"], images)
+        ids, labels, kept = self.image_tokens.expand(
+            sample["input_ids"], sample["labels"], images, self.max_length
+        )
         out = {"input_ids": ids, "labels": labels}
         if kept:
             out["pixel_values"] = torch.cat(kept)
@@ -258,42 +333,6 @@ class InternVL_V1_5_Dataset(Dataset):  # noqa: N801 (the XTuner 0.x name)
             size = self.tiler.image_size
             out["pixel_values"] = torch.zeros(1, 3, size, size)
         return out
-
-    def expand(
-        self, input_ids: list[int], labels: list[int], images: list[torch.Tensor]
-    ) -> tuple[list[int], list[int], list[torch.Tensor]]:
-        """Writes each image token as its tile tokens, then cuts at ``max_length``.
-
-        Args:
-            input_ids: the text's ids, ``IMAGE_TOKEN_INDEX`` per image.
-            labels: the text's labels.
-            images: the tiles ``[n_i, 3, S, S]`` of each image token, in order.
-
-        Returns:
-            ``(input_ids, labels, images kept)``: an image that would be cut is dropped,
-            with everything after it.
-        """
-        ids_out: list[int] = []
-        labels_out: list[int] = []
-        starts = []
-        for token, label in zip(input_ids, labels):
-            if token != IMAGE_TOKEN_INDEX:
-                ids_out.append(token)
-                labels_out.append(label)
-                continue
-            n = images[len(starts)].shape[0] * self.tokens_per_tile
-            starts.append(len(ids_out))
-            block = [self.img_start_id, *[self.img_context_id] * n, self.img_end_id]
-            ids_out += block
-            labels_out += [IGNORE_INDEX] * len(block)
-        cut = self.max_length
-        kept = len(starts)
-        for j, start in enumerate(starts):
-            end = start + images[j].shape[0] * self.tokens_per_tile + 2
-            if end > cut:
-                cut, kept = min(cut, start), j
-                break
-        return ids_out[:cut], labels_out[:cut], images[:kept]
 
 
 def _per_file(data_paths, image_folders, repeat_times) -> tuple[list, list, list]:
@@ -317,6 +356,11 @@ def _per_file(data_paths, image_folders, repeat_times) -> tuple[list, list, list
     if bad:
         raise ValueError(f"InternVL_V1_5_Dataset: repeat_times must be > 0, got {bad}")
     return paths, folders, times
+
+
+def _side(value: Any) -> int:
+    """The first side of an ``int`` or ``(h, w)`` size."""
+    return value if isinstance(value, int) else value[0]
 
 
 def _repeated(n: int, times: float, rng: np.random.Generator) -> np.ndarray:

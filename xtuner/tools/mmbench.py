@@ -2,7 +2,8 @@
 
 Answers every question of an MMBench-format TSV (``index``, ``question``, ``hint``, ``A``-``D``,
 ``image`` as base64, optionally ``answer``, ``category``, ``l2-category``, ``split``) with a
-LLaVA model, greedily, one new conversation per question, and writes
+LLaVA model (or an InternVL checkpoint given as MODEL), greedily, one new conversation per
+question, and writes
 ``<work-dir>/mmbench_result.tsv`` (the question columns and ``prediction``, the layout the
 MMBench evaluation expects; also ``.xlsx`` when openpyxl is installed) and, when the TSV has
 answers, ``mmbench_result.json`` with the accuracy overall and per category. The model options
@@ -67,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
         import pandas as pd
 
-        if not args.llava:
-            raise UserError("--llava (a LLaVA folder) and --visual-encoder are required")
+        if not args.llava and not chat.is_internvl(args.model):
+            raise UserError(
+                "--llava (a LLaVA folder) and --visual-encoder are required, unless the model "
+                "is an InternVL checkpoint"
+            )
         if not osp.isfile(args.data_path):
             raise UserError(f"--data-path {args.data_path}: no such file")
         table = pd.read_csv(args.data_path, sep="\t")
