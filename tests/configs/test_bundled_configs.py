@@ -261,7 +261,7 @@ TRAINED = {
 
 @pytest.mark.slow
 def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
-    tmp_path, tiny_models, demo_assets
+    tmp_path, tiny_models, demo_assets, internvl_path
 ):
     from xtuner.demo.llava import (
         LLAVA_DEMO_FINETUNE,
@@ -309,13 +309,12 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
     jobs += [(pre, str(tmp_path / pretrain)), (ft, str(tmp_path / finetune))]
 
     # InternVL: a tiny native InternVL (tiny InternVL vision tower, tiny Qwen2).
-    from xtuner.demo.internvl import build_tiny_internvl, write_internvl_data
+    from xtuner.demo.internvl import write_internvl_data
 
-    internvl = build_tiny_internvl(str(tmp_path / "internvl"), demo_assets["tokenizer"])
     internvl_data = write_internvl_data(str(tmp_path / "internvl_data"), repeat=12)
     (internvl_name,) = [n for n in BUNDLED if n.startswith("internvl3_")]
     internvl_settings = {
-        "path": repr(internvl),
+        "path": repr(internvl_path),
         "data_path": repr(internvl_data["data"]),
         "image_folder": repr(internvl_data["image_folder"]),
         "max_length": "512",

@@ -18,15 +18,6 @@ from xtuner.utils.constants import IGNORE_INDEX
 N = 4  # image-context tokens per 32x32 tile of the tiny model
 
 
-@pytest.fixture(scope="module")
-def internvl_path(demo_assets, tmp_path_factory) -> str:
-    from xtuner.demo.internvl import build_tiny_internvl
-
-    return build_tiny_internvl(
-        str(tmp_path_factory.mktemp("internvl") / "model"), demo_assets["tokenizer"]
-    )
-
-
 def gradient(width: int, height: int) -> Image.Image:
     """An image whose every pixel differs, so each tile's content is checkable."""
     x = np.linspace(0, 255, width)[None, :, None]

@@ -24,15 +24,6 @@ LORA = dict(type="peft.LoraConfig", r=4, lora_alpha=8, lora_dropout=0.0, init_lo
 N = 4  # features per 32x32 tile: (32 / 8)^2 patches, pixel-shuffled by 0.5
 
 
-@pytest.fixture(scope="session")
-def internvl_path(demo_assets, tmp_path_factory) -> str:
-    from xtuner.demo.internvl import build_tiny_internvl
-
-    return build_tiny_internvl(
-        str(tmp_path_factory.mktemp("internvl") / "model"), demo_assets["tokenizer"]
-    )
-
-
 def build(path, **kwargs) -> InternVL_V1_5:
     torch.manual_seed(0)
     kwargs.setdefault("use_activation_checkpointing", False)
@@ -266,7 +257,7 @@ def write_config(
     return str(path)
 
 
-@pytest.mark.slow
+@pytest.mark.slow_all
 def test_xtuner_train_pretrain_then_finetune_with_focal_loss_and_export(internvl_path, tmp_path):
     """Stage 1 (projector only, default loss), then stage 2 from its checkpoint (LoRA,
     FocalLoss, HF export at the end): the projector trains, the loss falls, and the exported

@@ -151,7 +151,7 @@ def test_parse_letter_takes_the_first_option_named():
     assert parse_letter("D", ["A", "B", "C"]) == ""
 
 
-def test_mmbench_and_chat_with_an_internvl_checkpoint(tmp_path, demo_assets, capsys, monkeypatch):
+def test_mmbench_and_chat_with_an_internvl_checkpoint(internvl_path, tmp_path, capsys):
     """An InternVL checkpoint is the model itself (no --llava): each answer is the greedy
     token the HF model gives for the prompt with the image's tiles and tile tokens."""
     import torch
@@ -159,11 +159,10 @@ def test_mmbench_and_chat_with_an_internvl_checkpoint(tmp_path, demo_assets, cap
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
     from xtuner.dataset.internvl_dataset import ImageTiler
-    from xtuner.demo.internvl import build_tiny_internvl
     from xtuner.tools import chat
     from xtuner.utils.constants import IMAGE_TOKEN_INDEX
 
-    path = build_tiny_internvl(str(tmp_path / "internvl"), demo_assets["tokenizer"])
+    path = internvl_path
     rows = [
         dict(
             index=1,
@@ -191,18 +190,25 @@ def test_mmbench_and_chat_with_an_internvl_checkpoint(tmp_path, demo_assets, cap
     result = pd.read_csv(work / "mmbench_result.tsv", sep="\t", keep_default_na=False)
     assert result["index"].tolist() == [1, 2]
 
-    answers = _chat_answers(rows, work, model, monkeypatch, capsys)
+    # The same questions through an `xtuner chat` session, one conversation each.
+    args = chat.build_parser().parse_args([*model, "--temperature", "0"])
+    session = chat.build_session(args)
+    images = [str(work / "images" / f"{r['index']}.png") for r in rows]
+    texts = [question_text(pd.Series(r))[0] for r in rows]
+    answers = [
+        session.answer(chat.Turn(text, image=image, new_conversation=True))["answer"]
+        for text, image in zip(texts, images)
+    ]
     assert result["prediction"].tolist() == [parse_letter(a, ["A", "B"]) for a in answers]
 
     # Reference: the prompt's image token written out by hand, through the HF model.
     tok = AutoTokenizer.from_pretrained(path)
     hf = InternVLForConditionalGeneration.from_pretrained(path).eval()
-    args = chat.build_parser().parse_args([path, "--prompt-template", "qwen_chat"])
-    session = chat.build_session(args)
-    for r, answer in zip(rows, answers):
-        with Image.open(work / "images" / f"{r['index']}.png") as image:
+    for text, image_file, answer in zip(texts, images, answers):
+        with Image.open(image_file) as image:
             tiles = ImageTiler(32, 1, 6)(image.convert("RGB"))
-        ids = session.prompt_ids("<image>\n" + question_text(pd.Series(r))[0])
+        session.reset()  # a new conversation, as each question had
+        ids = session.prompt_ids("<image>\n" + text)
         at = ids.index(IMAGE_TOKEN_INDEX)
         block = [
             tok.start_image_token_id,
