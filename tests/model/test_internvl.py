@@ -190,6 +190,7 @@ def test_export_reloads_with_from_pretrained_and_gives_the_same_logits(internvl_
     assert osp.isfile(tmp_path / "hf" / "preprocessor_config.json")
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_sequence_parallel_2_equals_1(internvl_path, tmp_path):
     """Loss and every gradient (LLM, projector, vision tower) with sp=2 equal sp=1."""
