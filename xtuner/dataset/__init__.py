@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "process_ms_dataset": ".modelscope",
         "ConcatDataset": ".concat_dataset",
         "LLaVADataset": ".llava",
+        "MOSSSFTDataset": ".moss_sft",
         "expand2square": ".llava",
         "encode_fn": ".utils",
     },
