@@ -21,11 +21,12 @@ RECORD = {
     "id": "refcoco-unc-000000000009-the_left_cup",
     "image": "coco/train2017/000000000009.jpg",
     "sents": "the left cup",
-    "bbox": [64.0, 48.0, 128.0, 96.0],
+    "bbox": [70.0, 50.0, 130.0, 100.0],
     "height": 480,
     "width": 640,
 }
-BOX = "{<10><10><30><30>}"  # x 64/640, y 48/480, x2 192/640, y2 144/480, in whole percent
+# x 70/640 = 10.9%, y 50/480 = 10.4%, x2 200/640 = 31.25%, y2 150/480 = 31.25%: cut, not rounded
+BOX = "{<10><10><31><31>}"
 
 
 @pytest.fixture(autouse=True)
