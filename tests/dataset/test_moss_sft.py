@@ -73,7 +73,25 @@ def reference(tokenizer, record: dict, bot_name: str | None, max_length: int):
     return ids, labels
 
 
-def test_samples_equal_the_reference_and_bad_lines_are_counted(tokenizer, write_jsonl, mm_warnings):
+@pytest.fixture(scope="module")
+def bos_tokenizer(demo_assets):
+    """The demo tokenizer made Llama-like: ``encode`` starts every text with BOS."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
+    assert tok.encode("hi")[0] == tok.bos_token_id != tok.encode("hi", add_special_tokens=False)[0]
+    return tok
+
+
+@pytest.mark.parametrize("family", ["no_bos", "bos"])
+def test_samples_equal_the_reference_and_bad_lines_are_counted(
+    family, request, write_jsonl, mm_warnings
+):
+    tokenizer = request.getfixturevalue("tokenizer" if family == "no_bos" else "bos_tokenizer")
     path = write_jsonl([PLAIN, "{not json", PLUGIN, MISSING_TURN, LONG])
     ds = MOSSSFTDataset(path, tokenizer, max_length=256, bot_name="Bot")
     assert len(ds) == 3
