@@ -79,6 +79,8 @@ def test_eval_refcoco_scores_the_planted_box(tmp_path, demo_assets, capsys):
     scores = json.loads((work / "eval_refcoco_result.json").read_text())
     assert scores == {"accuracy": 1 / 3, "num_samples": 3, "format_errors": 0}
 
+    assert cli([*argv, "--launcher", "pytorch"]) == 1
+    assert "runs in a single process" in capsys.readouterr().err
     # A missing image is named before the model loads.
     (images / f"{0:012d}.jpg").unlink()
     assert cli(argv) == 1

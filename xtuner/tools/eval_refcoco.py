@@ -61,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         default="data/llava_data/llava_images/",
         help="the folder holding coco/train2017/*.jpg",
     )
+    # XTuner 0.x split the records over torchrun ranks; one process answers them all here.
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     args = parser.parse_args(argv)
 
     def body() -> int:
         from xtuner.dataset.map_fns import llava_map_fn
         from xtuner.dataset.refcoco_json import RefCOCOJsonEvalDataset
 
+        if args.launcher != "none":
+            raise UserError(
+                f"--launcher {args.launcher}: eval_refcoco runs in a single process; run it "
+                "without a launcher (and without torchrun)"
+            )
         chat.check_evaluation_args(args)
         try:
             records = RefCOCOJsonEvalDataset.load_records(args.data_path)
