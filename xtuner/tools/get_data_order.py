@@ -44,3 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_tool(body, PROG)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
