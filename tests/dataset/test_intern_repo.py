@@ -240,6 +240,9 @@ def test_untokenized_folder_reference_bad_record_saved_copy_and_packing(
     for row, ref in zip(rows, expected):
         assert {k: row[k] for k in ref} == ref
         assert row["length"] == len(ref["input_ids"])
+    assert packed.datasets[0].length == [
+        len(r["input_ids"]) for r in expected[: len(packed.datasets[0])]
+    ]
 
     # The sampler deals the rows; the collate restarts positions at each packed document.
     order = list(InternRepoSampler(packed, seed=1024))

@@ -268,7 +268,7 @@ class PackedDataset(Dataset):
     @property
     def length(self) -> list[int]:
         """Tokens of each row."""
-        return self.data["length"]
+        return list(self.data["length"])
 
     def __len__(self) -> int:
         return len(self.data)
