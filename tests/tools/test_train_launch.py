@@ -305,8 +305,13 @@ def test_a_rank_that_hangs_ends_the_job_with_a_timeout(tmp_path, demo_assets):
     )  # fmt: skip
     with open(cfg, "a", encoding="utf-8") as f:
         f.write("custom_hooks += [dict(type=HangOnOneRank, rank=1, iteration=2)]\n")
+    work = str(tmp_path / "work")
     start = time.monotonic()
-    ((rc, err),) = _wait_all([_launch(cfg, str(tmp_path / "work"), None, "--dist-timeout", "10")])
+    ((rc, err),) = _wait_all([_launch(cfg, work, None, "--dist-timeout", "10")])
     assert rc != 0 and time.monotonic() - start < 300
     assert "xtuner train: error (rank 0): " in err, err[-3000:]
     assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
+    with open(glob.glob(osp.join(work, "2*", "*.log"))[0], encoding="utf-8") as f:
+        log = f.read()
+    # it was the hang that timed out: iterations 0 and 1 trained, 2 never ended
+    assert "Iter(train) [2/4]" in log and "Iter(train) [3/4]" not in log
