@@ -98,3 +98,17 @@ def test_max_nonfinite_skips_stops_the_run():
     loop._count_nonfinite_skip({"loss": torch.tensor(1.0)})  # a normal step
     with pytest.raises(FloatingPointError, match=r"2 iterations .*iteration 5.*skips=1"):
         loop._count_nonfinite_skip({SKIPPED_KEY: torch.ones(())})
+
+
+def test_building_the_loop_leaves_the_global_generator_alone():
+    """mmengine's Runner builds the model before the loop, FlexibleRunner (DeepSpeed) after
+    it: for the same seed to give the same LoRA initialisation in both, building the loop
+    (which starts dataloader iterators, each drawing a base seed) must draw nothing."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    TrainLoop(
+        SimpleNamespace(), DataLoader(list(range(8)), batch_size=2, shuffle=True), max_iters=3
+    )
+    assert torch.equal(torch.get_rng_state(), before)

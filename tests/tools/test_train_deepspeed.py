@@ -286,15 +286,7 @@ def test_zero3_two_ranks_equal_one_process(tmp_path, demo_assets, one_process):
         (1, "None"),
         (2, "None"),
         (2, LORA),
-        pytest.param(
-            3,
-            LORA,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known defect (issue 13): LoRA under ZeRO-3 drifts from one process by "
-                "~7e-4 relative from iteration 3 when LoRA B starts at exactly zero",
-            ),
-        ),
+        (3, LORA),
     ],
     ids=["z1", "z2", "z2-lora", "z3-lora"],
 )

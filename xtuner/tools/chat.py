@@ -202,6 +202,29 @@ def _split(ids: list[int | None]) -> list[list[int]]:
     return parts
 
 
+def evaluation_parser(prog: str, doc: str, data_help: str, **defaults) -> argparse.ArgumentParser:
+    """The parser of a LLaVA benchmark tool: ``xtuner chat``'s model options, ``--data-path``
+    and ``--work-dir`` (``defaults`` override the chat defaults, ``work_dir`` included)."""
+    parser = build_parser()
+    parser.prog, parser.description = prog, doc
+    parser.add_argument("--data-path", required=True, help=data_help)
+    parser.add_argument("--work-dir", help="results go here")
+    parser.set_defaults(temperature=0.0, **defaults)
+    return parser
+
+
+def check_evaluation_args(args: argparse.Namespace, allow_internvl: bool = False) -> None:
+    """A benchmark needs a LLaVA model (or, where ``allow_internvl``, an InternVL checkpoint
+    as MODEL) and an existing data file."""
+    if not args.llava and not (allow_internvl and is_internvl(args.model)):
+        raise UserError(
+            "--llava (a LLaVA folder) and --visual-encoder are required"
+            + (", unless MODEL is an InternVL checkpoint" if allow_internvl else "")
+        )
+    if not osp.isfile(args.data_path):
+        raise UserError(f"--data-path {args.data_path}: no such file")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if args.lagent or args.with_plugins:
         raise UserError(
@@ -211,8 +234,11 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.no_history:
         raise UserError("--no-history is not supported; start each prompt with RESET instead")
-    if args.image and not args.llava:
-        raise UserError("--image needs --llava (a LLaVA folder) and --visual-encoder")
+    if args.image and not args.llava and not is_internvl(args.model):
+        raise UserError(
+            "--image needs --llava (a LLaVA folder) and --visual-encoder, or an InternVL "
+            "checkpoint as MODEL"
+        )
     if args.llava and not args.visual_encoder:
         raise UserError("--llava needs --visual-encoder (the vision encoder's HF folder)")
     for flag, path in (

@@ -94,22 +94,27 @@ class TrainLoop(IterBasedTrainLoop):
             raise ValueError(
                 f"TrainLoop: loss_normalization={loss_normalization!r}; use one of {NORMALIZATIONS}"
             )
-        if isinstance(dataloader, dict):
-            diff_rank_seed = runner._randomness_cfg.get("diff_rank_seed", False)
-            dataloader = runner.build_dataloader(
-                dataloader, seed=runner.seed, diff_rank_seed=diff_rank_seed
-            )
-        if max_epochs is not None:
-            if len(dataloader) == 0:
-                raise ValueError("TrainLoop: the training dataloader is empty")
-            max_iters = max(1, int(math.ceil(max_epochs * len(dataloader))))
-            print_log(
-                f"TrainLoop: {max_epochs} epoch(s) of {len(dataloader)} iterations "
-                f"= {max_iters} iterations",
-                logger="current",
-            )
-        super().__init__(runner, dataloader, max_iters=int(max_iters), **kwargs)
-        self.dataloader_iterator = _EpochIterator(self.dataloader)
+        # Building the loop draws nothing from the global generator (each iter() of a
+        # DataLoader draws its base seed): mmengine's Runner builds the model before the loop
+        # and FlexibleRunner (DeepSpeed) after it, so the model's random initialisation (LoRA's
+        # A matrices) would otherwise differ between the two for the same seed.
+        with torch.random.fork_rng(devices=[]):
+            if isinstance(dataloader, dict):
+                diff_rank_seed = runner._randomness_cfg.get("diff_rank_seed", False)
+                dataloader = runner.build_dataloader(
+                    dataloader, seed=runner.seed, diff_rank_seed=diff_rank_seed
+                )
+            if max_epochs is not None:
+                if len(dataloader) == 0:
+                    raise ValueError("TrainLoop: the training dataloader is empty")
+                max_iters = max(1, int(math.ceil(max_epochs * len(dataloader))))
+                print_log(
+                    f"TrainLoop: {max_epochs} epoch(s) of {len(dataloader)} iterations "
+                    f"= {max_iters} iterations",
+                    logger="current",
+                )
+            super().__init__(runner, dataloader, max_iters=int(max_iters), **kwargs)
+            self.dataloader_iterator = _EpochIterator(self.dataloader)
         self.loss_normalization = loss_normalization
         self.max_nonfinite_skips = max_nonfinite_skips
         self.nonfinite_skips = 0
