@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -358,8 +359,6 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
     def state_dict(self, *args, **kwargs):
         """Only what training changes (trainable weights: projector, adapters, unfrozen
         sides; the loss's own state), under the full key names."""
-        from collections import OrderedDict
-
         state = BaseModel.state_dict(self, *args, **kwargs)
         prefix = kwargs.get("prefix", "")
         trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
