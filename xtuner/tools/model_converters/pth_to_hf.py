@@ -3,7 +3,7 @@
 PTH is an mmengine checkpoint file (``iter_N.pth``) or the DeepSpeed checkpoint folder of any
 ZeRO stage (``iter_N.pth/``; its partitions are merged with DeepSpeed's ``zero_to_fp32``). With
 LoRA the adapter is saved (merge it with ``xtuner convert merge``); LLaVA models take
-``--save-format xtuner|huggingface``.
+``--save-format xtuner|huggingface|official``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--safe-serialization", action="store_true", default=True, help="safetensors (default)"
     )
-    parser.add_argument("--save-format", default=None, help="LLaVA: xtuner or huggingface")
+    parser.add_argument(
+        "--save-format", default=None, help="LLaVA: xtuner (default), huggingface or official"
+    )
     add_cfg_options(parser)
 
     def body() -> int:
