@@ -20,6 +20,7 @@ import sys
 import pytest
 from mmengine.config import Config, ConfigDict
 
+from tests.conftest import CHATML_TEMPLATE
 from xtuner.configs import CONFIG_DIR, cfgs_name_path
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -50,6 +51,15 @@ CONFIG_CLASS = {
     "Gemma3ForCausalLM": "Gemma3TextConfig",
     "MistralForCausalLM": "MistralConfig",
 }
+
+
+# The model class of each kind of preference config (the name's ``_dpo_``, ``_orpo_``,
+# ``_reward_``, as upstream's configs/dpo, configs/orpo and configs/reward_model).
+PREFERENCE_KINDS = {"dpo": "DPO", "orpo": "ORPO", "reward": "RewardModel"}
+
+
+def _preference_kind(name: str) -> str | None:
+    return next((kind for kind in PREFERENCE_KINDS if f"_{kind}_" in name), None)
 
 
 def family_of(name: str) -> str:
@@ -95,6 +105,8 @@ def test_the_families_of_the_issue_are_bundled():
     for loss in ("focal", "dft", "kd", "zloss"):
         assert any(n.endswith(f"_{loss}") for n in BUNDLED), loss
     assert any("_sp4" in n for n in BUNDLED)
+    for kind in ("dpo", "orpo", "reward"):
+        assert any(f"_{kind}_" in n for n in BUNDLED), kind
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -111,7 +123,14 @@ def test_bundled_config_parses_and_every_type_resolves(name):
             assert callable(value), f"{name}: {where}.type={value!r} is not callable"
     sp = cfg.get("sequence_parallel_size", 1)
     assert (f"_sp{sp}" in name) == (sp > 1), f"{name}: sequence_parallel_size={sp}"
-    method = name.split("_alpaca_")[0].rsplit("_", 1)[-1] if "_alpaca_" in name else None
+    if "_varlenattn" in name:
+        assert cfg.use_varlen_attn, f"{name}: use_varlen_attn is off"
+    if name.startswith("llava_"):
+        return  # the LLaVA stages' names follow upstream's LLaVA scheme
+    kind = PREFERENCE_KINDS.get(_preference_kind(name), "SupervisedFinetune")
+    assert getattr(cfg.model.type, "__name__", cfg.model.type) == kind, name
+    method = re.search(r"_(full|lora|qlora)_", name + "_")
+    method = method and method.group(1)
     if method == "qlora":
         assert cfg.model.llm.quantization_config.load_in_4bit
     if method in ("lora", "qlora"):
@@ -165,6 +184,7 @@ def tiny_models(tmp_path_factory, demo_assets) -> dict[str, str]:
         assert type(model).__name__ == model_class
         path = str(root / model_class)
         model.save_pretrained(path)
+        tokenizer.chat_template = CHATML_TEMPLATE  # preference pairs use the chat template
         tokenizer.save_pretrained(path)
         paths[model_class] = path
     return paths
@@ -314,6 +334,64 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
             assert terms <= set(record), f"{name} logged {sorted(record)}, not {terms}"
             assert all(record[t] == record[t] for t in terms), f"{name}: NaN loss"  # noqa: PLR0124
     assert "loaded " in out.stdout + out.stderr  # the finetune stage read the pretrain's weights
+
+
+def _conversation_pairs(tmp_path, count: int = 300) -> str:
+    """A folder with a JSONL file of pairs in the layout of mlabonne/orpo-dpo-mix-40k and
+    UltraFeedback: ``chosen`` and ``rejected`` conversations differing in the last turn."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    lines = []
+    for i in range(count):
+        question = {"role": "user", "content": f"Tell me about the number {i}."}
+        good = {"role": "assistant", "content": f"The number {i} is a fine number."}
+        bad = {"role": "assistant", "content": "No."}
+        lines.append(json.dumps({"chosen": [question, good], "rejected": [question, bad]}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+# The data-path setting of each kind (upstream's data sets for them).
+PREFERENCE_DATA = {
+    "dpo": "orpo_dpo_mix_40k_path",
+    "orpo": "ultrafeedback_path",
+    "reward": "ultrafeedback_path",
+}
+# The terms each kind of preference config must log.
+PREFERENCE_TERMS = {
+    "dpo": {"loss", "reward_acc", "reward_margin"},
+    "orpo": {"loss", "loss_nll", "loss_or"},
+    "reward": {"loss", "reward_acc"},
+}
+
+
+@pytest.mark.slow
+def test_preference_configs_train_3_iterations_on_a_tiny_model(tmp_path, tiny_models):
+    names = [n for n in BUNDLED if _preference_kind(n)]
+    assert {_preference_kind(n) for n in names} == set(PREFERENCE_KINDS)
+    data = _conversation_pairs(tmp_path)
+    jobs = []
+    for name in names:
+        settings = {
+            "pretrained_model_name_or_path": repr(tiny_models[FAMILIES[family_of(name)]]),
+            "max_length": "64",
+            "accumulative_counts": "1",
+        }
+        settings[PREFERENCE_DATA[_preference_kind(name)]] = repr(data)
+        if _preference_kind(name) == "reward":
+            settings["reward_token_id"] = "0"  # the tiny vocabulary's <unk>
+        else:
+            settings["evaluation_inputs"] = "[]"
+        jobs.append((tiny_version(name, settings, str(tmp_path)), str(tmp_path / name)))
+    out = _train_all(jobs)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for name in names:
+        records = _logged(str(tmp_path / name))
+        assert [r["step"] for r in records] == [1, 2, 3], name
+        terms = PREFERENCE_TERMS[_preference_kind(name)]
+        for record in records:
+            assert terms <= set(record), f"{name} logged {sorted(record)}, not {terms}"
+            assert all(record[t] == record[t] for t in terms), f"{name}: NaN"  # noqa: PLR0124
 
 
 # -- the docs' config list -----------------------------------------------------------------
