@@ -55,6 +55,8 @@ def describe(path: str, lang: str) -> tuple[str, ...]:
         method = "full"
     losses = re.findall(r'type="(\w*Loss)"', text)
     loss = " + ".join(dict.fromkeys(losses)) or "CrossEntropyLoss"
+    if "output_router_logits=True" in text and "RouterAuxLoss" not in loss:
+        loss += " + RouterAuxLoss"  # added by the model when the router logits come out
     # Preference models choose their loss with XTuner 0.x's settings.
     if re.search(r"^    type=DPO,", text, re.M):
         loss = f"DPO `{_setting(text, 'dpo_loss_type')}`"

@@ -137,6 +137,8 @@ def test_bundled_config_parses_and_every_type_resolves(name):
         assert cfg.model.lora is not None
     if method == "full":
         assert cfg.model.get("lora") is None
+    if family_of(name) == "qwen3_30b_a3b":  # MoE: the router's load-balancing term is trained
+        assert cfg.model.llm.output_router_logits is True, name
 
 
 # -- training with tiny models ---------------------------------------------------------------
@@ -264,7 +266,7 @@ def _logged(work_dir: str) -> list[dict]:
 TRAINED = {
     "qwen2_5_7b_instruct_qlora_alpaca_e3_focal": {"loss"},
     "qwen3_8b_lora_alpaca_e3_kd": {"loss_kd", "loss_ce"},
-    "qwen3_30b_a3b_lora_alpaca_e3_zloss": {"loss_ce", "loss_z"},
+    "qwen3_30b_a3b_lora_alpaca_e3_zloss": {"loss_ce", "loss_z", "loss_router_aux", "loss_router_z"},
     "llama3_1_8b_instruct_full_alpaca_e3_dft": {"loss"},
     "llama3_2_1b_instruct_full_alpaca_e3_kd": {"loss_kd", "loss_ce"},
     "internlm3_8b_instruct_qlora_alpaca_e3_focal": {"loss"},
@@ -333,6 +335,10 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
         for record in records:
             assert terms <= set(record), f"{name} logged {sorted(record)}, not {terms}"
             assert all(record[t] == record[t] for t in terms), f"{name}: NaN loss"  # noqa: PLR0124
+            if "loss_router_aux" in terms:  # the total is the four terms, each one non-zero
+                parts = [record[t] for t in terms - {"loss"}]
+                assert record["loss"] == pytest.approx(sum(parts), rel=1e-5), record
+                assert all(v > 0 for v in parts), record
     assert "loaded " in out.stdout + out.stderr  # the finetune stage read the pretrain's weights
 
 
