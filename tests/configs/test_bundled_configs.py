@@ -1,6 +1,7 @@
 """The bundled configs: every one parses and names only things that exist; one config of each
-model family trains 3 iterations with its model swapped for a tiny one of the same
-architecture class, and the docs' config list is the generated one.
+model family, and every preference (DPO, ORPO, reward) config, trains 3 iterations with its
+model swapped for a tiny one of the same architecture class (``make test-all``: every other
+config too, as its header runs it), and the docs' config list is the generated one.
 
 The swap edits the config's settings block the way a user would (the model and data paths,
 the sizes), writes the result next to the test, and trains it with ``xtuner train`` in a
@@ -104,6 +105,20 @@ def test_the_families_of_the_issue_are_bundled():
             assert any(n.startswith(prefix) and f"_{method}_" in n for n in BUNDLED), prefix
     for loss in ("focal", "dft", "kd", "zloss"):
         assert any(n.endswith(f"_{loss}") for n in BUNDLED), loss
+    # Each model family of the issue has a config with a non-default loss.
+    losses = ("_focal", "_dft", "_kd", "_zloss")
+    for group in (
+        ("qwen2_5_",),
+        ("qwen3_0_", "qwen3_8b"),
+        ("qwen3_30b_a3b",),
+        ("llama3_1_",),
+        ("llama3_2_",),
+        ("internlm3_",),
+        ("gemma3_",),
+        ("mistral_", "ministral_"),
+        ("deepseek_r1_distill_",),
+    ):
+        assert any(n.startswith(group) and n.endswith(losses) for n in BUNDLED), group
     assert any("_sp4" in n for n in BUNDLED)
     for kind in ("dpo", "orpo", "reward"):
         assert any(f"_{kind}_" in n for n in BUNDLED), kind
@@ -293,17 +308,7 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
     data = _alpaca_dir(tmp_path, demo_assets)
     jobs = []
     for name in TRAINED:
-        model = tiny_models[FAMILIES[family_of(name)]]
-        settings = {
-            "pretrained_model_name_or_path": repr(model),
-            "alpaca_en_path": repr(data),
-            "max_length": "128",
-            "batch_size": "2",
-            "accumulative_counts": "1",
-            "evaluation_inputs": "[]",  # generation is tested elsewhere
-        }
-        if name.endswith("_kd"):
-            settings["teacher_model_name_or_path"] = repr(model)
+        settings = _sft_settings(name, tiny_models, data)
         jobs.append((tiny_version(name, settings, str(tmp_path)), str(tmp_path / name)))
 
     # LLaVA: stage 1 then stage 2 from its checkpoint, with a tiny Qwen2 and a tiny CLIP.
@@ -340,6 +345,78 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
                 assert record["loss"] == pytest.approx(sum(parts), rel=1e-5), record
                 assert all(v > 0 for v in parts), record
     assert "loaded " in out.stdout + out.stderr  # the finetune stage read the pretrain's weights
+
+
+def _sft_settings(name: str, tiny_models: dict[str, str], data: str) -> dict[str, str]:
+    """The PART 1 settings that swap an SFT config's model and data for tiny local ones."""
+    model = tiny_models[FAMILIES[family_of(name)]]
+    settings = {
+        "pretrained_model_name_or_path": repr(model),
+        "alpaca_en_path": repr(data),
+        "max_length": "128",
+        "batch_size": "2",
+        "accumulative_counts": "1",
+        "evaluation_inputs": "[]",  # generation is tested elsewhere
+    }
+    if name.endswith("_kd"):
+        settings["teacher_model_name_or_path"] = repr(model)
+    return settings
+
+
+def _launch_of(name: str) -> list[str]:
+    """The ``--deepspeed PRESET`` of the config's own run command (its header), if any."""
+    with open(cfgs_name_path[name], encoding="utf-8") as f:
+        found = re.search(r"^#\s+.*xtuner train \S+ --deepspeed (\w+)", f.read(), re.M)
+    return ["--deepspeed", found.group(1)] if found else []
+
+
+# Every other text config (one per family trains in CI above): make test-all trains them all,
+# each as its header says to run it (its DeepSpeed preset; sequence parallel on 2 ranks).
+OTHER_SFT = [
+    n
+    for n in BUNDLED
+    if n not in TRAINED and not n.startswith("llava_") and not _preference_kind(n)
+]
+
+
+@pytest.mark.slow_all
+def test_every_other_sft_config_trains_3_iterations_on_a_tiny_model(
+    tmp_path, tiny_models, demo_assets
+):
+    data = _alpaca_dir(tmp_path, demo_assets)
+    jobs = [
+        (tiny_version(n, _sft_settings(n, tiny_models, data), str(tmp_path)), str(tmp_path / n))
+        for n in OTHER_SFT
+        if "_sp" not in n
+    ]
+    out = _train_all(jobs)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for _, work_dir in jobs:
+        records = _logged(work_dir)
+        assert [r["step"] for r in records] == [1, 2, 3], work_dir
+        assert all(r["loss"] == r["loss"] for r in records), work_dir  # noqa: PLR0124
+
+
+@pytest.mark.slow_all
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", [n for n in OTHER_SFT if "_sp" in n])
+def test_sequence_parallel_config_trains_with_its_deepspeed_preset(
+    tmp_path, tiny_models, demo_assets, name
+):
+    settings = _sft_settings(name, tiny_models, _alpaca_dir(tmp_path, demo_assets))
+    settings["sequence_parallel_size"] = "2"  # the tiny model on 2 CPU ranks
+    cfg = tiny_version(name, settings, str(tmp_path))
+    work_dir = str(tmp_path / "work")
+    launch = _launch_of(name)
+    assert launch, f"{name}: its header names no --deepspeed preset"
+    args = [sys.executable, "-m", "xtuner.entry_point", "train", cfg, "--work-dir", work_dir]
+    args += ["--seed", "0", *launch, "--cfg-options", "train_cfg.max_epochs=None"]
+    args += ["train_cfg.max_iters=3", "default_hooks.logger.interval=1"]
+    env = dict(os.environ, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")  # xtuner picks a port
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "xtuner_ulysses" in out.stdout + out.stderr
+    assert [r["step"] for r in _logged(work_dir)] == [1, 2, 3]
 
 
 def _conversation_pairs(tmp_path, count: int = 300) -> str:

@@ -260,6 +260,8 @@ def test_bad_input_gets_one_paragraph_and_exit_status_1(capsys, tmp_path, chain_
     assert f"adapter {other} does not fit the model {chain_model}: size mismatch" in err
     err = _error_of(capsys, chain_model, "--lagent")
     assert "--lagent" in err and "not supported" in err
+    err = _error_of(capsys, chain_model, "--with-plugins", "calculate", "solve")
+    assert "--with-plugins" in err and "not supported" in err
     prompts = tmp_path / "bad.txt"
     prompts.write_text('hello\n{"text": "no input"}\n')
     err = _error_of(capsys, chain_model, "--prompts", str(prompts), "--temperature", "0")
