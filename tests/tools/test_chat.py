@@ -400,3 +400,17 @@ def test_sampling_options_reach_generation(capsys, monkeypatch, chain_model):
     expected = tokenizer.decode(out[0, ids.shape[1] :])
     assert answer["answer"] == expected.strip()
     assert answer["answer"].count("the") < 6  # without the penalty: ' the' six times
+
+
+def test_no_streamer_prints_each_reply_whole(capsys, monkeypatch, chain_model):
+    import transformers
+
+    def no_streaming(*args, **kwargs):
+        raise AssertionError("--no-streamer built a TextStreamer")
+
+    monkeypatch.setattr(transformers, "TextStreamer", no_streaming)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("say the\n\nRESET\nsay the\n\nEXIT\n"))
+    argv = [chain_model, "--no-streamer", "--temperature", "0", "--max-new-tokens", "3"]
+    assert chat.main(argv) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert out.count("the the the\n") == 2 and "(new conversation)" in out, out
