@@ -354,7 +354,8 @@ def official_llava_logits(folder: str, input_ids: list[int], pixel_values) -> to
         else:
             parts["llm"][key] = value.float()
 
-    text_type = config["model_type"].removeprefix("llava_")
+    text_type = {"llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+    text_type = text_type[config["model_type"]]
     text_config = AutoConfig.for_model(
         text_type, **{k: v for k, v in config.items() if k not in ("model_type", "architectures")}
     )
@@ -389,16 +390,44 @@ def official_llava_logits(folder: str, input_ids: list[int], pixel_values) -> to
         return llm(inputs_embeds=torch.cat(pieces)[None]).logits[0]
 
 
-@pytest.mark.parametrize("trained_vision", [True, False])
+@pytest.fixture(scope="module")
+def tiny_qwen2_path(tmp_path_factory) -> str:
+    """A tiny random Qwen2 (the bundled LLaVA's language model class), tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    path = str(tmp_path_factory.mktemp("tiny_qwen2"))
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "llm,trained_vision,architecture",
+    [
+        ("llama", True, "LlavaLlamaForCausalLM"),
+        ("llama", False, "LlavaLlamaForCausalLM"),
+        ("qwen2", True, "LlavaQwenForCausalLM"),
+    ],
+)
 def test_official_format_has_llava_layout_and_the_trained_weights(
-    tiny_llama_path, clip_path, tmp_path, trained_vision
+    tiny_llama_path, tiny_qwen2_path, clip_path, tmp_path, llm, trained_vision, architecture
 ):
     import json
 
+    path = tiny_llama_path if llm == "llama" else tiny_qwen2_path
     if trained_vision:
-        model = build(tiny_llama_path, clip_path, llm_lora=LORA, visual_encoder_lora=LORA)
+        model = build(path, clip_path, llm_lora=LORA, visual_encoder_lora=LORA)
     else:
-        model = build(tiny_llama_path, clip_path, freeze_visual_encoder=True, llm_lora=LORA)
+        model = build(path, clip_path, freeze_visual_encoder=True, llm_lora=LORA)
     model.eval()
     with torch.no_grad():  # trained (non-initial) projector weights
         for p in model.projector.parameters():
@@ -407,8 +436,10 @@ def test_official_format_has_llava_layout_and_the_trained_weights(
     model.to_hf(None, out_dir, fp32=True, save_format="official")
 
     config = json.loads((tmp_path / "official" / "config.json").read_text())
-    assert config["architectures"] == ["LlavaLlamaForCausalLM"]
-    assert config["model_type"] == "llava_llama" and config["mm_projector_type"] == "mlp2x_gelu"
+    assert config["architectures"] == [architecture]
+    model_type = {"LlavaLlamaForCausalLM": "llava_llama", "LlavaQwenForCausalLM": "llava_qwen"}
+    assert config["model_type"] == model_type[architecture]
+    assert config["mm_projector_type"] == "mlp2x_gelu"
     assert config["mm_vision_select_layer"] == -2 and config["mm_vision_tower"] == clip_path
     assert config["unfreeze_mm_vision_tower"] is trained_vision
     assert config["mm_use_im_start_end"] is False and config["image_aspect_ratio"] == "pad"

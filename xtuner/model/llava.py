@@ -632,6 +632,10 @@ class LLaVAModel(SupervisedFinetune):
         vision = _merged(self.visual_encoder)
         trained_vision = self.use_visual_encoder_lora or not self.freeze_visual_encoder
         state = dict(llm.state_dict())
+        if getattr(llm.config, "tie_word_embeddings", False):
+            # As save_pretrained stores it: a tied head once, under the embedding's name.
+            for key in getattr(llm, "_tied_weights_keys", None) or ():
+                state.pop(key, None)
         if trained_vision:
             state.update(
                 (f"model.vision_tower.vision_tower.{k}", v) for k, v in vision.state_dict().items()
