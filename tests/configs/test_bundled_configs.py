@@ -346,6 +346,22 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
                 assert all(v > 0 for v in parts), record
     assert "loaded " in out.stdout + out.stderr  # the finetune stage read the pretrain's weights
 
+    # The finetune's checkpoint in the original LLaVA layout (LlavaQwenForCausalLM).
+    import torch
+    from safetensors.torch import load_file
+
+    from xtuner.entry_point import cli
+
+    pth, official = str(tmp_path / finetune / "iter_3.pth"), tmp_path / "official"
+    argv = ["convert", "pth_to_hf", ft, pth, str(official), "--fp32", "--save-format", "official"]
+    assert cli(argv) == 0
+    with open(official / "config.json", encoding="utf-8") as f:
+        assert json.load(f)["architectures"] == ["LlavaQwenForCausalLM"]
+    saved = load_file(official / "model.safetensors")
+    trained = torch.load(pth, map_location="cpu", weights_only=False)["state_dict"]
+    for key in ("model.0.weight", "model.2.bias"):
+        assert torch.equal(saved[f"model.mm_projector.{key[6:]}"], trained[f"projector.{key}"])
+
 
 def _sft_settings(name: str, tiny_models: dict[str, str], data: str) -> dict[str, str]:
     """The PART 1 settings that swap an SFT config's model and data for tiny local ones."""

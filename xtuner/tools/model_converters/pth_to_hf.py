@@ -35,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         from xtuner.registry import BUILDER
 
         cfg = load_config(args.config, args.cfg_options)
+        if args.save_format in ("huggingface", "official"):
+            # These formats merge LoRA into the LLM, which a quantized base cannot take: the
+            # base is built unquantized (the checkpoint holds only the trained weights).
+            llm = cfg.model.get("llm")
+            if isinstance(llm, dict) and llm.pop("quantization_config", None) is not None:
+                print(
+                    f"building the LLM without its quantization_config (--save-format "
+                    f"{args.save_format} merges the adapter)"
+                )
+        if "pretrained_pth" in cfg.model:
+            cfg.model.pretrained_pth = None  # an earlier stage's weights: the checkpoint has them
         model = BUILDER.build(cfg.model)
         try:
             state = load_checkpoint_state(args.pth_model)
