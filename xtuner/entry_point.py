@@ -18,6 +18,10 @@ MODES = {
     "chat": ("xtuner.tools.chat", "chat with a model in the terminal, or answer a prompts file"),
     "test": ("xtuner.tools.test", "evaluate a checkpoint with the config's test set and metric"),
     "mmbench": ("xtuner.tools.mmbench", "answer an MMBench TSV with a LLaVA model"),
+    "eval_refcoco": (
+        "xtuner.tools.eval_refcoco",
+        "RefCOCO grounding accuracy (IoU > 0.5) of a LLaVA model",
+    ),
     "convert": (
         "xtuner.tools.model_converters",
         "pth_to_hf | merge | split: checkpoints to HF models",
@@ -36,6 +40,14 @@ MODES = {
     "process_untokenized_llava_data": (
         "xtuner.tools.process_untokenized_llava_data",
         "tokenise a LLaVA config's conversations once, offline (--save-folder DIR)",
+    ),
+    "tokenize_ftdp_datasets": (
+        "xtuner.tools.tokenize_ftdp_datasets",
+        "tokenise ftdp chat data into the intern-repo tokenized format",
+    ),
+    "get_data_order": (
+        "xtuner.tools.get_data_order",
+        "write the file order of an intern-repo data folder (data_order.txt)",
     ),
     "list-dataset-format": ("xtuner.tools.list_dataset_format", "list the data map functions"),
     "check-loss": (

@@ -31,3 +31,19 @@ def write_jsonl(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def mm_warnings():
+    """The warnings logged through mmengine's current logger during the test (their text)."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)

@@ -168,7 +168,7 @@ class LLaVADataset(Dataset):
             text_data = load_from_disk(offline_processed_text_folder)
         elif data_path is not None:
             text_data = process_hf_dataset(
-                dataset=HFDataset.from_list(load_llava_records(data_path)),
+                dataset=HFDataset.from_list(self.load_records(data_path)),
                 tokenizer=tokenizer,
                 max_length=max_length,
                 dataset_map_fn=dataset_map_fn,
@@ -191,6 +191,11 @@ class LLaVADataset(Dataset):
         )
 
     # building ------------------------------------------------------------------------------
+    def load_records(self, data_path: str) -> list[dict]:
+        """The LLaVA records of ``data_path``; data sets of other layouts (RefCOCO) convert
+        theirs here."""
+        return load_llava_records(data_path)
+
     def _drop_unusable(self, text_data: HFDataset, source: str) -> tuple[HFDataset, np.ndarray]:
         """Skips samples whose images are missing (see the module docstring), with a warning.
 

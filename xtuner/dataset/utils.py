@@ -488,8 +488,15 @@ def json_files(data_files) -> list[str]:
     return []
 
 
-def read_json_records(path: str) -> list[tuple[int | None, Any, str | None]]:
+def read_json_records(
+    path: str, json_lines: bool = False
+) -> list[tuple[int | None, Any, str | None]]:
     """Reads a JSON (a list of records) or JSON Lines file without stopping at bad records.
+
+    Args:
+        path: the file.
+        json_lines: read it as JSON Lines even when it starts with ``[`` (lines that are
+            lists, as in InternLM's chat data); otherwise a leading ``[`` means one document.
 
     Returns:
         One ``(line, record, error)`` per record: ``line`` is the 1-based line number (None for
@@ -497,7 +504,7 @@ def read_json_records(path: str) -> list[tuple[int | None, Any, str | None]]:
     """
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if text.lstrip().startswith("["):  # one JSON document
+    if not json_lines and text.lstrip().startswith("["):  # one JSON document
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:

@@ -189,6 +189,25 @@ def _split(ids: list[int | None]) -> list[list[int]]:
     return parts
 
 
+def evaluation_parser(prog: str, doc: str, data_help: str, **defaults) -> argparse.ArgumentParser:
+    """The parser of a LLaVA benchmark tool: ``xtuner chat``'s model options, ``--data-path``
+    and ``--work-dir`` (``defaults`` override the chat defaults, ``work_dir`` included)."""
+    parser = build_parser()
+    parser.prog, parser.description = prog, doc
+    parser.add_argument("--data-path", required=True, help=data_help)
+    parser.add_argument("--work-dir", help="results go here")
+    parser.set_defaults(temperature=0.0, **defaults)
+    return parser
+
+
+def check_evaluation_args(args: argparse.Namespace) -> None:
+    """A benchmark needs a LLaVA model and an existing data file."""
+    if not args.llava:
+        raise UserError("--llava (a LLaVA folder) and --visual-encoder are required")
+    if not osp.isfile(args.data_path):
+        raise UserError(f"--data-path {args.data_path}: no such file")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if args.lagent or args.with_plugins:
         raise UserError(

@@ -55,11 +55,13 @@ def parse_letter(answer: str, options: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = chat.build_parser()
-    parser.prog, parser.description = PROG, __doc__
-    parser.add_argument("--data-path", required=True, help="an MMBench-format TSV file")
-    parser.add_argument("--work-dir", default="./work_dirs/mmbench", help="results go here")
-    parser.set_defaults(temperature=0.0, max_new_tokens=16)
+    parser = chat.evaluation_parser(
+        PROG,
+        __doc__,
+        "an MMBench-format TSV file",
+        work_dir="./work_dirs/mmbench",
+        max_new_tokens=16,
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -67,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import pandas as pd
 
-        if not args.llava:
-            raise UserError("--llava (a LLaVA folder) and --visual-encoder are required")
-        if not osp.isfile(args.data_path):
-            raise UserError(f"--data-path {args.data_path}: no such file")
+        chat.check_evaluation_args(args)
         table = pd.read_csv(args.data_path, sep="\t")
         missing = [c for c in ("index", "question", "A", "B", "image") if c not in table]
         if missing:
