@@ -154,8 +154,10 @@ def import_custom_modules(cfg: Config, path: str) -> list[str]:
 
 
 def _check_top_level_keys(cfg: Config, path: str) -> None:
+    # Names the config imports (``Visualizer``) are not settings, whatever they look like.
+    imported = getattr(cfg, "_imported_names", set())
     for key in cfg:
-        if key in RUNNER_KEYS:
+        if key in RUNNER_KEYS or key in imported:
             continue
         close = difflib.get_close_matches(key, RUNNER_KEYS, n=1, cutoff=0.8)
         if close and close[0] not in cfg:
