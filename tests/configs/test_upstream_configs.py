@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os.path as osp
 from functools import cache
+from pathlib import Path
 
 import pytest
 from mmengine import registry as mmengine_registry
@@ -194,3 +195,24 @@ def test_exactly_the_hub_and_pending_configs_are_excused():
 )
 def test_the_names_this_branch_adds_resolve(entry):
     assert resolve(entry) is None
+
+
+@pytest.mark.skipif(not hub_missing("openmind"), reason="openMind is installed")
+def test_a_config_of_a_missing_hub_says_what_to_install(tmp_path, demo_assets, capsys):
+    """The openMind config's data loader (``OmDataset.load_dataset``) without openMind."""
+    from tests.tools.test_train_cli import write_config
+    from xtuner.entry_point import cli
+
+    cfg = write_config(tmp_path, demo_assets, max_iters=1, header="from openmind import OmDataset")
+    path = Path(cfg)
+    path.write_text(
+        path.read_text(encoding="utf-8").replace(
+            "dataset=dict(type=load_dataset, path='json', data_files=dict(train=alpaca_en_path))",
+            "dataset=dict(type=OmDataset.load_dataset, path=alpaca_en_path)",
+        ),
+        encoding="utf-8",
+    )
+    assert cli(["train", cfg, "--work-dir", str(tmp_path / "work")]) == 1
+    err = capsys.readouterr().err
+    assert "The config needs 'openmind', which is not installed" in err
+    assert "Python 3.8-3.10 only" in err
