@@ -23,7 +23,8 @@ def test_hugging_face_data_is_processed(tokenizer):
     assert len(out) == 1 and out[0]["length"] == len(out[0]["input_ids"])
 
 
-@pytest.mark.slow
+# About 20 s of CPU: make test-all only (the CI budget of issue 15).
+@pytest.mark.slow_all
 @pytest.mark.skipif(
     importlib.util.find_spec("modelscope") is None,
     reason="the modelscope extra (in [all], so CI has it) is not installed",

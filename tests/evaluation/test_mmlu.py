@@ -79,13 +79,19 @@ def test_mmlu_collate_fn_takes_upstream_records_and_refuses_a_bad_answer():
     instances = [
         {"input_ids": [5, 6, 7], "labels": [-100] * 3, "output": " C", "subject": "virology"},
         {"input_ids": [5, 6], "labels": [-100] * 2, "output": "A", "subject": "astronomy"},
+        {"input_ids": [5], "labels": [-100], "output": "D", "subject": "astronomy"},
     ]
     batch = mmlu_collate_fn(instances, pad_index=0)
-    assert batch["data"]["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
-    assert batch["data"]["attention_mask"].tolist() == [[True] * 3, [True, True, False]]
+    assert batch["data"]["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0], [5, 0, 0]]
+    assert batch["data"]["attention_mask"].tolist() == [
+        [True] * 3,
+        [True, True, False],
+        [True, False, False],
+    ]
     assert batch["data_samples"] == [
         {"length": 3, "answer": 2, "subject": "virology"},
         {"length": 2, "answer": 0, "subject": "astronomy"},
+        {"length": 1, "answer": 3, "subject": "astronomy"},
     ]
     assert mmlu_collate_fn(instances, return_hf_format=True).keys() == {
         "input_ids",
@@ -95,7 +101,8 @@ def test_mmlu_collate_fn_takes_upstream_records_and_refuses_a_bad_answer():
         mmlu_collate_fn([{"input_ids": [5], "output": "E", "subject": "x"}])
 
 
-@pytest.mark.slow
+# About 20 s of CPU: make test-all only (the CI budget of issue 15).
+@pytest.mark.slow_all
 def test_validation_during_training_reports_per_subject_accuracy(tmp_path, demo_assets):
     train, val, records = write_questions(str(tmp_path))
     assets = dict(demo_assets, data=train)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tests.tools.test_train_cli import run_xtuner
 from xtuner.engine.runner.loops import attach_loss_denominators
+from xtuner.entry_point import cli
 from xtuner.model import SupervisedFinetune
 from xtuner.tools.train_hf import TrainerModel
 
@@ -113,11 +114,20 @@ def test_hf_trainer_config_trains_its_qlora_adapter(tmp_path, demo_assets):
     assert osp.exists(osp.join(work_dir, "hf", "adapter_config.json"))
     assert osp.exists(osp.join(work_dir, "hf", "tokenizer_config.json"))
 
-    # What is not supported says so, naming the way out.
-    out = run_xtuner("train", str(cfg), "--work-dir", work_dir, "--deepspeed", "deepspeed_zero2")
-    assert out.returncode == 1
-    assert "--deepspeed is not supported with framework='huggingface'" in out.stderr
-    assert "training_args.deepspeed" in out.stderr
+
+def test_what_the_hf_trainer_path_does_not_support_says_so(tmp_path, demo_assets, capsys):
+    cfg = tmp_path / "hf_cfg.py"
+    cfg.write_text(HF_CONFIG.format(model=demo_assets["model"], data=demo_assets["data"]))
+    assert cli(["train", str(cfg), "--deepspeed", "deepspeed_zero2"]) == 1
+    err = capsys.readouterr().err
+    assert "--deepspeed is not supported with framework='huggingface'" in err
+    assert "training_args.deepspeed" in err
+    cfg.write_text(cfg.read_text() + "sequence_parallel_size = 2\n")
+    assert cli(["train", str(cfg)]) == 1
+    assert "sequence_parallel_size > 1 is not supported" in capsys.readouterr().err
+    cfg.write_text(cfg.read_text().replace("framework = 'huggingface'", "framework = 'hf'"))
+    assert cli(["train", str(cfg)]) == 1
+    assert "framework='hf'; use 'mmengine'" in capsys.readouterr().err
 
 
 def test_trainer_model_gives_the_global_token_mean_over_the_window(tiny_llama_path):
