@@ -218,11 +218,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build_runner(args, cfg=None):
+def build_runner(args, cfg):
     from mmengine.logging import print_log
 
-    if cfg is None:
-        cfg = load_config(args.config, args.cfg_options)
     for change in adapt_config_to_device(cfg):
         print_log(change, "current", level=30)
     cfg.launcher = args.launcher
