@@ -364,7 +364,7 @@ def naive_deepseek_balance(router_logits, config) -> torch.Tensor:
     """DeepSeek-V2's expert-level balance loss (arXiv 2405.04434, eqs. 12-14), token by token."""
     n, k, total = config.n_routed_experts, config.num_experts_per_tok, 0.0
     for logits in router_logits:
-        probs = logits.double().softmax(-1)
+        probs = logits.detach().double().softmax(-1)
         tokens = probs.shape[0]
         routed, mean_prob = [0.0] * n, [0.0] * n
         for p in probs:
