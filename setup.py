@@ -29,6 +29,7 @@ def read_text(name: str) -> str:
 
 deepspeed = read_requirements("deepspeed")
 quant = read_requirements("quant")
+modelscope = read_requirements("modelscope")
 
 setup(
     name="xtuner",
@@ -44,7 +45,8 @@ setup(
     extras_require={
         "deepspeed": deepspeed,
         "quant": quant,
-        "all": deepspeed + quant,
+        "modelscope": modelscope,
+        "all": deepspeed + quant + modelscope,
         "tests": read_requirements("tests"),
     },
     entry_points={"console_scripts": ["xtuner=xtuner.entry_point:cli"]},

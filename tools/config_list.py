@@ -64,6 +64,15 @@ def describe(path: str, lang: str) -> tuple[str, ...]:
         method = "full"
     losses = re.findall(r'type="(\w*Loss)"', text)
     loss = " + ".join(dict.fromkeys(losses)) or "CrossEntropyLoss"
+    if "output_router_logits=True" in text and "RouterAuxLoss" not in loss:
+        loss += " + RouterAuxLoss"  # added by the model when the router logits come out
+    # Preference models choose their loss with XTuner 0.x's settings.
+    if re.search(r"^    type=DPO,", text, re.M):
+        loss = f"DPO `{_setting(text, 'dpo_loss_type')}`"
+    elif re.search(r"^    type=ORPO,", text, re.M):
+        loss = "ORPO"
+    elif re.search(r"^    type=RewardModel,", text, re.M):
+        loss = f"reward `{_setting(text, 'reward_loss_type')}`"
     nproc = re.search(r"NPROC_PER_NODE=(\d+)", text)
     n = int(nproc.group(1)) if nproc else 1
     if "cpu" in name or name.startswith("demo_"):

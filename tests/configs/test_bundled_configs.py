@@ -1,6 +1,7 @@
 """The bundled configs: every one parses and names only things that exist; one config of each
-model family trains 3 iterations with its model swapped for a tiny one of the same
-architecture class, and the docs' config list is the generated one.
+model family, and every preference (DPO, ORPO, reward) config, trains 3 iterations with its
+model swapped for a tiny one of the same architecture class (``make test-all``: every other
+config too, as its header runs it), and the docs' config list is the generated one.
 
 The swap edits the config's settings block the way a user would (the model and data paths,
 the sizes), writes the result next to the test, and trains it with ``xtuner train`` in a
@@ -20,6 +21,7 @@ import sys
 import pytest
 from mmengine.config import Config, ConfigDict
 
+from tests.conftest import CHATML_TEMPLATE
 from xtuner.configs import CONFIG_DIR, cfgs_name_path
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -53,6 +55,15 @@ CONFIG_CLASS = {
     "Gemma3ForCausalLM": "Gemma3TextConfig",
     "MistralForCausalLM": "MistralConfig",
 }
+
+
+# The model class of each kind of preference config (the name's ``_dpo_``, ``_orpo_``,
+# ``_reward_``, as upstream's configs/dpo, configs/orpo and configs/reward_model).
+PREFERENCE_KINDS = {"dpo": "DPO", "orpo": "ORPO", "reward": "RewardModel"}
+
+
+def _preference_kind(name: str) -> str | None:
+    return next((kind for kind in PREFERENCE_KINDS if f"_{kind}_" in name), None)
 
 
 def family_of(name: str) -> str:
@@ -97,7 +108,23 @@ def test_the_families_of_the_issue_are_bundled():
             assert any(n.startswith(prefix) and f"_{method}_" in n for n in BUNDLED), prefix
     for loss in ("focal", "dft", "kd", "zloss"):
         assert any(n.endswith(f"_{loss}") for n in BUNDLED), loss
+    # Each model family of the issue has a config with a non-default loss.
+    losses = ("_focal", "_dft", "_kd", "_zloss")
+    for group in (
+        ("qwen2_5_",),
+        ("qwen3_0_", "qwen3_8b"),
+        ("qwen3_30b_a3b",),
+        ("llama3_1_",),
+        ("llama3_2_",),
+        ("internlm3_",),
+        ("gemma3_",),
+        ("mistral_", "ministral_"),
+        ("deepseek_r1_distill_",),
+    ):
+        assert any(n.startswith(group) and n.endswith(losses) for n in BUNDLED), group
     assert any("_sp4" in n for n in BUNDLED)
+    for kind in ("dpo", "orpo", "reward"):
+        assert any(f"_{kind}_" in n for n in BUNDLED), kind
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -114,13 +141,26 @@ def test_bundled_config_parses_and_every_type_resolves(name):
             assert callable(value), f"{name}: {where}.type={value!r} is not callable"
     sp = cfg.get("sequence_parallel_size", 1)
     assert (f"_sp{sp}" in name) == (sp > 1), f"{name}: sequence_parallel_size={sp}"
-    method = name.split("_alpaca_")[0].rsplit("_", 1)[-1] if "_alpaca_" in name else None
+    if "_varlenattn" in name:
+        assert cfg.use_varlen_attn, f"{name}: use_varlen_attn is off"
+    if name.startswith("llava_"):
+        return  # the LLaVA stages' names follow upstream's LLaVA scheme
+    if name.startswith("internvl"):  # upstream's InternVL scheme: LoRA on the LLM
+        assert getattr(cfg.model.type, "__name__", None) == "InternVL_V1_5", name
+        assert ("_lora_" in name) == (cfg.model.get("llm_lora") is not None), name
+        return
+    kind = PREFERENCE_KINDS.get(_preference_kind(name), "SupervisedFinetune")
+    assert getattr(cfg.model.type, "__name__", cfg.model.type) == kind, name
+    method = re.search(r"_(full|lora|qlora)_", name + "_")
+    method = method and method.group(1)
     if method == "qlora":
         assert cfg.model.llm.quantization_config.load_in_4bit
     if method in ("lora", "qlora"):
         assert cfg.model.lora is not None
     if method == "full":
         assert cfg.model.get("lora") is None
+    if family_of(name) == "qwen3_30b_a3b":  # MoE: the router's load-balancing term is trained
+        assert cfg.model.llm.output_router_logits is True, name
 
 
 # -- training with tiny models ---------------------------------------------------------------
@@ -168,6 +208,7 @@ def tiny_models(tmp_path_factory, demo_assets) -> dict[str, str]:
         assert type(model).__name__ == model_class
         path = str(root / model_class)
         model.save_pretrained(path)
+        tokenizer.chat_template = CHATML_TEMPLATE  # preference pairs use the chat template
         tokenizer.save_pretrained(path)
         paths[model_class] = path
     return paths
@@ -247,7 +288,7 @@ def _logged(work_dir: str) -> list[dict]:
 TRAINED = {
     "qwen2_5_7b_instruct_qlora_alpaca_e3_focal": {"loss"},
     "qwen3_8b_lora_alpaca_e3_kd": {"loss_kd", "loss_ce"},
-    "qwen3_30b_a3b_lora_alpaca_e3_zloss": {"loss_ce", "loss_z"},
+    "qwen3_30b_a3b_lora_alpaca_e3_zloss": {"loss_ce", "loss_z", "loss_router_aux", "loss_router_z"},
     "llama3_1_8b_instruct_full_alpaca_e3_dft": {"loss"},
     "llama3_2_1b_instruct_full_alpaca_e3_kd": {"loss_kd", "loss_ce"},
     "internlm3_8b_instruct_qlora_alpaca_e3_focal": {"loss"},
@@ -274,17 +315,7 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
     data = _alpaca_dir(tmp_path, demo_assets)
     jobs = []
     for name in TRAINED:
-        model = tiny_models[FAMILIES[family_of(name)]]
-        settings = {
-            "pretrained_model_name_or_path": repr(model),
-            "alpaca_en_path": repr(data),
-            "max_length": "128",
-            "batch_size": "2",
-            "accumulative_counts": "1",
-            "evaluation_inputs": "[]",  # generation is tested elsewhere
-        }
-        if name.endswith("_kd"):
-            settings["teacher_model_name_or_path"] = repr(model)
+        settings = _sft_settings(name, tiny_models, data)
         jobs.append((tiny_version(name, settings, str(tmp_path)), str(tmp_path / name)))
 
     # LLaVA: stage 1 then stage 2 from its checkpoint, with a tiny Qwen2 and a tiny CLIP.
@@ -334,7 +365,157 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
         for record in records:
             assert terms <= set(record), f"{name} logged {sorted(record)}, not {terms}"
             assert all(record[t] == record[t] for t in terms), f"{name}: NaN loss"  # noqa: PLR0124
+            if "loss_router_aux" in terms:  # the total is the four terms, each one non-zero
+                parts = [record[t] for t in terms - {"loss"}]
+                assert record["loss"] == pytest.approx(sum(parts), rel=1e-5), record
+                assert all(v > 0 for v in parts), record
     assert "loaded " in out.stdout + out.stderr  # the finetune stage read the pretrain's weights
+
+    # The finetune's checkpoint in the original LLaVA layout (LlavaQwenForCausalLM).
+    import torch
+    from safetensors.torch import load_file
+
+    from xtuner.entry_point import cli
+
+    pth, official = str(tmp_path / finetune / "iter_3.pth"), tmp_path / "official"
+    argv = ["convert", "pth_to_hf", ft, pth, str(official), "--fp32", "--save-format", "official"]
+    assert cli(argv) == 0
+    with open(official / "config.json", encoding="utf-8") as f:
+        assert json.load(f)["architectures"] == ["LlavaQwenForCausalLM"]
+    saved = load_file(official / "model.safetensors")
+    trained = torch.load(pth, map_location="cpu", weights_only=False)["state_dict"]
+    for key in ("model.0.weight", "model.2.bias"):
+        assert torch.equal(saved[f"model.mm_projector.{key[6:]}"], trained[f"projector.{key}"])
+
+
+def _sft_settings(name: str, tiny_models: dict[str, str], data: str) -> dict[str, str]:
+    """The PART 1 settings that swap an SFT config's model and data for tiny local ones."""
+    model = tiny_models[FAMILIES[family_of(name)]]
+    settings = {
+        "pretrained_model_name_or_path": repr(model),
+        "alpaca_en_path": repr(data),
+        "max_length": "128",
+        "batch_size": "2",
+        "accumulative_counts": "1",
+        "evaluation_inputs": "[]",  # generation is tested elsewhere
+    }
+    if name.endswith("_kd"):
+        settings["teacher_model_name_or_path"] = repr(model)
+    return settings
+
+
+def _launch_of(name: str) -> list[str]:
+    """The ``--deepspeed PRESET`` of the config's own run command (its header), if any."""
+    with open(cfgs_name_path[name], encoding="utf-8") as f:
+        found = re.search(r"^#\s+.*xtuner train \S+ --deepspeed (\w+)", f.read(), re.M)
+    return ["--deepspeed", found.group(1)] if found else []
+
+
+# Every other text config (one per family trains in CI above): make test-all trains them all,
+# each as its header says to run it (its DeepSpeed preset; sequence parallel on 2 ranks).
+OTHER_SFT = [
+    n
+    for n in BUNDLED
+    if n not in TRAINED and not n.startswith("llava_") and not _preference_kind(n)
+]
+
+
+@pytest.mark.slow_all
+def test_every_other_sft_config_trains_3_iterations_on_a_tiny_model(
+    tmp_path, tiny_models, demo_assets
+):
+    data = _alpaca_dir(tmp_path, demo_assets)
+    jobs = [
+        (tiny_version(n, _sft_settings(n, tiny_models, data), str(tmp_path)), str(tmp_path / n))
+        for n in OTHER_SFT
+        if "_sp" not in n
+    ]
+    out = _train_all(jobs)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for _, work_dir in jobs:
+        records = _logged(work_dir)
+        assert [r["step"] for r in records] == [1, 2, 3], work_dir
+        assert all(r["loss"] == r["loss"] for r in records), work_dir  # noqa: PLR0124
+
+
+@pytest.mark.slow_all
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", [n for n in OTHER_SFT if "_sp" in n])
+def test_sequence_parallel_config_trains_with_its_deepspeed_preset(
+    tmp_path, tiny_models, demo_assets, name
+):
+    settings = _sft_settings(name, tiny_models, _alpaca_dir(tmp_path, demo_assets))
+    settings["sequence_parallel_size"] = "2"  # the tiny model on 2 CPU ranks
+    cfg = tiny_version(name, settings, str(tmp_path))
+    work_dir = str(tmp_path / "work")
+    launch = _launch_of(name)
+    assert launch, f"{name}: its header names no --deepspeed preset"
+    args = [sys.executable, "-m", "xtuner.entry_point", "train", cfg, "--work-dir", work_dir]
+    args += ["--seed", "0", *launch, "--cfg-options", "train_cfg.max_epochs=None"]
+    args += ["train_cfg.max_iters=3", "default_hooks.logger.interval=1"]
+    env = dict(os.environ, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")  # xtuner picks a port
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "xtuner_ulysses" in out.stdout + out.stderr
+    assert [r["step"] for r in _logged(work_dir)] == [1, 2, 3]
+
+
+def _conversation_pairs(tmp_path, count: int = 300) -> str:
+    """A folder with a JSONL file of pairs in the layout of mlabonne/orpo-dpo-mix-40k and
+    UltraFeedback: ``chosen`` and ``rejected`` conversations differing in the last turn."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    lines = []
+    for i in range(count):
+        question = {"role": "user", "content": f"Tell me about the number {i}."}
+        good = {"role": "assistant", "content": f"The number {i} is a fine number."}
+        bad = {"role": "assistant", "content": "No."}
+        lines.append(json.dumps({"chosen": [question, good], "rejected": [question, bad]}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+# The data-path setting of each kind (upstream's data sets for them).
+PREFERENCE_DATA = {
+    "dpo": "orpo_dpo_mix_40k_path",
+    "orpo": "ultrafeedback_path",
+    "reward": "ultrafeedback_path",
+}
+# The terms each kind of preference config must log.
+PREFERENCE_TERMS = {
+    "dpo": {"loss", "reward_acc", "reward_margin"},
+    "orpo": {"loss", "loss_nll", "loss_or"},
+    "reward": {"loss", "reward_acc"},
+}
+
+
+@pytest.mark.slow
+def test_preference_configs_train_3_iterations_on_a_tiny_model(tmp_path, tiny_models):
+    names = [n for n in BUNDLED if _preference_kind(n)]
+    assert {_preference_kind(n) for n in names} == set(PREFERENCE_KINDS)
+    data = _conversation_pairs(tmp_path)
+    jobs = []
+    for name in names:
+        settings = {
+            "pretrained_model_name_or_path": repr(tiny_models[FAMILIES[family_of(name)]]),
+            "max_length": "64",
+            "accumulative_counts": "1",
+        }
+        settings[PREFERENCE_DATA[_preference_kind(name)]] = repr(data)
+        if _preference_kind(name) == "reward":
+            settings["reward_token_id"] = "0"  # the tiny vocabulary's <unk>
+        else:
+            settings["evaluation_inputs"] = "[]"
+        jobs.append((tiny_version(name, settings, str(tmp_path)), str(tmp_path / name)))
+    out = _train_all(jobs)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for name in names:
+        records = _logged(str(tmp_path / name))
+        assert [r["step"] for r in records] == [1, 2, 3], name
+        terms = PREFERENCE_TERMS[_preference_kind(name)]
+        for record in records:
+            assert terms <= set(record), f"{name} logged {sorted(record)}, not {terms}"
+            assert all(record[t] == record[t] for t in terms), f"{name}: NaN"  # noqa: PLR0124
 
 
 # -- the docs' config list -----------------------------------------------------------------

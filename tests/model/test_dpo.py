@@ -271,6 +271,12 @@ def test_reward_model_scores_and_exports_a_sequence_classifier(tiny_llama_path, 
     assert chosen.item() == pytest.approx(out["chosen_score_mean"].item(), rel=1e-4, abs=1e-5)
 
 
+def test_reward_model_refuses_policy_data(tiny_llama_path):
+    model = RewardModel(llm_cfg(tiny_llama_path), use_activation_checkpointing=False)
+    with pytest.raises(ValueError, match=r"not reward labels .*is_reward=True"):
+        model(batch_of(make_pairs(), "padded"))  # DPO pairs: every answer token labelled
+
+
 def test_reward_model_on_a_bare_decoder_as_upstream_polar_configs_build_it(tiny_llama_path):
     from transformers import AutoModel
 

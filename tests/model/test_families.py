@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from xtuner.model import SupervisedFinetune
 from xtuner.model.losses import HeadMismatchError
 from xtuner.model.losses.head import linear_head
+from xtuner.model.transformers_models.deepseek_v2 import DeepseekV2ForCausalLM
 from xtuner.registry import HEAD_ADAPTERS
 
 VOCAB = 96
@@ -33,6 +34,20 @@ COMMON = dict(
     eos_token_id=2,
 )
 MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.3)
+#: multi-head latent attention with a low-rank query, one dense layer, one shared expert.
+DEEPSEEK_V2 = dict(
+    num_key_value_heads=4,  # multi-head latent attention: one latent key-value per head
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_intermediate_size=24,
+    first_k_dense_replace=1,
+    num_hidden_layers=3,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+)
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
@@ -50,13 +65,22 @@ FAMILIES = {
         dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=24, **MOE),
     ),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=24, **MOE)),
+    "deepseek_v2": ("DeepseekV2Config", dict(DEEPSEEK_V2, **MOE)),
+    "deepseek_v2_grouped": (
+        "DeepseekV2Config",
+        dict(DEEPSEEK_V2, topk_method="group_limited_greedy", n_group=2, topk_group=1, **MOE),
+    ),
 }
+#: families whose model class is the fork's (XTuner 0.x configs import it by path).
+MODEL_CLASSES = {"deepseek_v2": DeepseekV2ForCausalLM, "deepseek_v2_grouped": DeepseekV2ForCausalLM}
 
 
 def family_llm(name: str) -> nn.Module:
     config_cls, extra = FAMILIES[name]
     config = getattr(transformers, config_cls)(**{**COMMON, **extra})
     torch.manual_seed(0)
+    if name in MODEL_CLASSES:
+        return MODEL_CLASSES[name](config).float()
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
@@ -235,7 +259,16 @@ def test_router_loss_on_a_dense_model_is_refused():
 
 PACKED = [
     (family, attn)
-    for family in ("llama", "qwen2_tied", "phi3", "gemma2", "cohere", "mixtral", "qwen3_moe")
+    for family in (
+        "llama",
+        "qwen2_tied",
+        "phi3",
+        "gemma2",
+        "cohere",
+        "mixtral",
+        "qwen3_moe",
+        "deepseek_v2",
+    )
     for attn in ("eager", "sdpa")
     if not (family == "gemma2" and attn == "sdpa")  # Gemma2 has no sdpa (soft-capped attention)
 ]
@@ -325,3 +358,55 @@ def test_probe_is_skipped_when_the_head_weight_is_partitioned():
     llm = unit_row_head_model("UnitRowHead")
     llm.lm_head.weight.ds_id = 0
     SupervisedFinetune(llm, use_activation_checkpointing=False)
+
+
+def naive_deepseek_balance(router_logits, config) -> torch.Tensor:
+    """DeepSeek-V2's expert-level balance loss (arXiv 2405.04434, eqs. 12-14), token by token."""
+    n, k, total = config.n_routed_experts, config.num_experts_per_tok, 0.0
+    for logits in router_logits:
+        probs = logits.detach().double().softmax(-1)
+        tokens = probs.shape[0]
+        routed, mean_prob = [0.0] * n, [0.0] * n
+        for p in probs:
+            allowed = range(n)
+            if config.topk_method == "group_limited_greedy":
+                size = n // config.n_group
+                groups = sorted(
+                    range(config.n_group), key=lambda g: -p[g * size : (g + 1) * size].max()
+                )
+                allowed = [
+                    e for g in groups[: config.topk_group] for e in range(g * size, (g + 1) * size)
+                ]
+            for e in sorted(allowed, key=lambda e: -p[e])[:k]:
+                routed[e] += n / (k * tokens)
+            for e in range(n):
+                mean_prob[e] += float(p[e]) / tokens
+        total += sum(f * q for f, q in zip(routed, mean_prob))
+    return torch.tensor(total, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v2_grouped"])
+def test_deepseek_v2_balance_loss_equals_a_naive_reference(family):
+    model = SupervisedFinetune(family_llm(family), use_activation_checkpointing=False)
+    data = batch()
+    ours = model(data, mode="loss")
+    out = model.llm(input_ids=data["input_ids"])
+    assert len(out.router_logits) == 2  # the first layer is dense (first_k_dense_replace=1)
+    want = 0.3 * naive_deepseek_balance(out.router_logits, model.llm.config)
+    torch.testing.assert_close(ours["loss_router_aux"].double(), want, rtol=1e-5, atol=0)
+    assert float(want) > 0
+
+
+def test_deepseek_v2_from_pretrained_takes_the_upstream_config_arguments(tmp_path, caplog):
+    llm = family_llm("deepseek_v2")
+    llm.config.aux_loss_alpha = 0.001  # as in DeepSeek's checkpoints
+    del llm.config.router_aux_loss_coef
+    llm.config.output_router_logits = False
+    llm.save_pretrained(tmp_path)
+    loaded = DeepseekV2ForCausalLM.from_pretrained(
+        str(tmp_path), moe_implementation="shard", expert_in_one_shard=8, trust_remote_code=True
+    )
+    # DeepSeek's code trains with the balance loss: its alpha turns the router logits on.
+    assert loaded.config.output_router_logits and loaded.config.router_aux_loss_coef == 0.001
+    model = SupervisedFinetune(loaded, use_activation_checkpointing=False)
+    assert set(model(batch(), mode="loss")) >= {"loss_ce", "loss_router_aux"}

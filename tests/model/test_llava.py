@@ -323,8 +323,149 @@ def test_xtuner_format_saves_parts(tiny_llama_path, clip_path, tmp_path):
     torch.testing.assert_close(
         projector.model[0].weight.float(), model.projector.model[0].weight, rtol=1e-2, atol=1e-2
     )
-    with pytest.raises(ValueError, match="save_format='official'"):
-        model.to_hf(None, str(out_dir), save_format="official")
+    with pytest.raises(ValueError, match="save_format='gguf' is not supported"):
+        model.to_hf(None, str(out_dir), save_format="gguf")
+
+
+def official_llava_logits(folder: str, input_ids: list[int], pixel_values) -> torch.Tensor:
+    """The logits of an official-layout LLaVA checkpoint, computed the way the original LLaVA
+    code runs it, written out here without xtuner: the vision tower (from the checkpoint, or
+    from ``mm_vision_tower`` when it holds none), hidden state ``mm_vision_select_layer``
+    without CLS, the ``mm_projector`` MLP, image features in place of ``-200``."""
+    import glob
+    import json
+    import os.path as osp
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, CLIPVisionConfig
+
+    with open(osp.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    state = {}
+    for shard in glob.glob(osp.join(folder, "*.safetensors")):
+        state.update(load_file(shard))
+    tower = "model.vision_tower.vision_tower."
+    parts = {"vision": {}, "projector": {}, "llm": {}}
+    for key, value in state.items():
+        if key.startswith(tower):
+            parts["vision"][key[len(tower) :]] = value.float()
+        elif key.startswith("model.mm_projector."):
+            parts["projector"][key[len("model.mm_projector.") :]] = value.float()
+        else:
+            parts["llm"][key] = value.float()
+
+    text_type = {"llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+    text_type = text_type[config["model_type"]]
+    text_config = AutoConfig.for_model(
+        text_type, **{k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    )
+    llm = AutoModelForCausalLM.from_config(text_config).float().eval()
+    missing, unexpected = llm.load_state_dict(parts["llm"], strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if missing:
+        assert config["tie_word_embeddings"]
+        llm.tie_weights()
+    if config["unfreeze_mm_vision_tower"]:
+        vision = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config["mm_vision_tower"]))
+        vision.load_state_dict(parts["vision"], strict=True)
+    else:
+        assert not parts["vision"]
+        vision = CLIPVisionModel.from_pretrained(config["mm_vision_tower"])
+    depth = int(config["mm_projector_type"].removeprefix("mlp").removesuffix("x_gelu"))
+    layers = [torch.nn.Linear(config["mm_hidden_size"], config["hidden_size"])]
+    for _ in range(depth - 1):
+        layers += [torch.nn.GELU(), torch.nn.Linear(config["hidden_size"], config["hidden_size"])]
+    projector = torch.nn.Sequential(*layers)
+    projector.load_state_dict(parts["projector"], strict=True)
+    assert config["mm_vision_select_feature"] == "patch"
+
+    with torch.no_grad():
+        hidden = vision(pixel_values, output_hidden_states=True).hidden_states
+        features = iter(projector(hidden[config["mm_vision_select_layer"]][:, 1:]))
+        embed = llm.get_input_embeddings()
+        pieces = [
+            next(features) if t == IMAGE_TOKEN_INDEX else embed(torch.tensor([t]))
+            for t in input_ids
+        ]
+        return llm(inputs_embeds=torch.cat(pieces)[None]).logits[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_path(tmp_path_factory) -> str:
+    """A tiny random Qwen2 (the bundled LLaVA's language model class), tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    path = str(tmp_path_factory.mktemp("tiny_qwen2"))
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "llm,trained_vision,architecture",
+    [
+        ("llama", True, "LlavaLlamaForCausalLM"),
+        ("llama", False, "LlavaLlamaForCausalLM"),
+        ("qwen2", True, "LlavaQwenForCausalLM"),
+    ],
+)
+def test_official_format_has_llava_layout_and_the_trained_weights(
+    tiny_llama_path, tiny_qwen2_path, clip_path, tmp_path, llm, trained_vision, architecture
+):
+    import json
+
+    path = tiny_llama_path if llm == "llama" else tiny_qwen2_path
+    if trained_vision:
+        model = build(path, clip_path, llm_lora=LORA, visual_encoder_lora=LORA)
+    else:
+        model = build(path, clip_path, freeze_visual_encoder=True, llm_lora=LORA)
+    model.eval()
+    with torch.no_grad():  # trained (non-initial) projector weights
+        for p in model.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    out_dir = str(tmp_path / "official")
+    model.to_hf(None, out_dir, fp32=True, save_format="official")
+
+    config = json.loads((tmp_path / "official" / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    model_type = {"LlavaLlamaForCausalLM": "llava_llama", "LlavaQwenForCausalLM": "llava_qwen"}
+    assert config["model_type"] == model_type[architecture]
+    assert config["mm_projector_type"] == "mlp2x_gelu"
+    assert config["mm_vision_select_layer"] == -2 and config["mm_vision_tower"] == clip_path
+    assert config["unfreeze_mm_vision_tower"] is trained_vision
+    assert config["mm_use_im_start_end"] is False and config["image_aspect_ratio"] == "pad"
+
+    data = batch()
+    for row in (0, 1):  # one image; two images
+        length = int(data["attention_mask"][row].sum())
+        ids = data["input_ids"][row, :length].tolist()
+        pixels = data["pixel_values"][row]
+        pixels = pixels if pixels.dim() == 4 else pixels[None]
+        sample = {
+            "input_ids": data["input_ids"][row : row + 1, :length],
+            "attention_mask": data["attention_mask"][row : row + 1, :length],
+            "pixel_values": [data["pixel_values"][row]],
+        }
+        with torch.no_grad():
+            ours = model(sample, mode="predict")[0]["logits"]
+        theirs = official_llava_logits(out_dir, ids, pixels)
+        torch.testing.assert_close(ours[: len(theirs)], theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_official_format_refuses_what_llava_cannot_load(tiny_llama_path, clip_path, tmp_path):
+    model = build(tiny_llama_path, clip_path, freeze_visual_encoder=True, projector_depth=2)
+    model.projector.config.hidden_act = "silu"
+    with pytest.raises(ValueError, match="hidden_act='silu': use save_format='xtuner'"):
+        model.to_hf(None, str(tmp_path), save_format="official")
 
 
 def test_evaluate_chat_hook_generates_from_the_image(

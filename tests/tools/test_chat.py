@@ -260,6 +260,8 @@ def test_bad_input_gets_one_paragraph_and_exit_status_1(capsys, tmp_path, chain_
     assert f"adapter {other} does not fit the model {chain_model}: size mismatch" in err
     err = _error_of(capsys, chain_model, "--lagent")
     assert "--lagent" in err and "not supported" in err
+    err = _error_of(capsys, chain_model, "--with-plugins", "calculate", "solve")
+    assert "--with-plugins" in err and "not supported" in err
     prompts = tmp_path / "bad.txt"
     prompts.write_text('hello\n{"text": "no input"}\n')
     err = _error_of(capsys, chain_model, "--prompts", str(prompts), "--temperature", "0")
@@ -353,3 +355,62 @@ def test_llava_folder_answers_about_the_image(capsys, monkeypatch, tmp_path, dem
             new.append(int(logits[-1].argmax()))
     assert answer["new_tokens"] == 3
     assert answer["answer"] == tokenizer.decode(new).strip()
+
+
+def test_sampling_options_reach_generation(capsys, monkeypatch, chain_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xtuner.utils import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
+
+    base = ["--prompt-template", "qwen_chat", "--max-new-tokens", "8"]
+    stdin = "Reverse the word.\n"
+
+    # --system-template: the named system text, in the template's system slot.
+    answer = _chat(
+        capsys, monkeypatch, chain_model, *base, "--temperature", "0",
+        "--system-template", "alpaca", stdin=stdin,
+    )  # fmt: skip
+    system = PROMPT_TEMPLATE.qwen_chat.SYSTEM.format(system=SYSTEM_TEMPLATE.alpaca)
+    assert answer["prompt"] == "<s>" + system + QWEN["user"].format("Reverse the word.")
+
+    # --top-k 1 leaves one candidate: sampling at any temperature is the greedy chain.
+    answer = _chat(
+        capsys, monkeypatch, chain_model, *base, "--temperature", "5", "--top-k", "1", stdin=stdin
+    )
+    assert answer["answer"] == ANSWER
+
+    # Hot sampling over the whole vocabulary: --seed makes it repeat, another seed differs.
+    hot = [*base, "--temperature", "20", "--top-k", "0", "--top-p", "1.0", "--stop-words", "#"]
+    runs = [
+        _chat(capsys, monkeypatch, chain_model, *hot, "--seed", seed, stdin=stdin)["answer"]
+        for seed in ("3", "3", "4")
+    ]
+    assert runs[0] == runs[1] and runs[0] != runs[2], runs
+
+    # --repetition-penalty: ' the' after ' the' is penalised; the reference is the model's own
+    # generate with the same penalty (greedy).
+    args = ["--temperature", "0", "--max-new-tokens", "6", "--repetition-penalty", "50"]
+    answer = _chat(capsys, monkeypatch, chain_model, *args, stdin="say the\n")
+    tokenizer = AutoTokenizer.from_pretrained(chain_model)
+    model = AutoModelForCausalLM.from_pretrained(chain_model, dtype=torch.float32)
+    ids = tokenizer("say the", return_tensors="pt").input_ids
+    out = model.generate(
+        ids, max_new_tokens=6, do_sample=False, repetition_penalty=50.0, pad_token_id=0
+    )
+    expected = tokenizer.decode(out[0, ids.shape[1] :])
+    assert answer["answer"] == expected.strip()
+    assert answer["answer"].count("the") < 6  # without the penalty: ' the' six times
+
+
+def test_no_streamer_prints_each_reply_whole(capsys, monkeypatch, chain_model):
+    import transformers
+
+    def no_streaming(*args, **kwargs):
+        raise AssertionError("--no-streamer built a TextStreamer")
+
+    monkeypatch.setattr(transformers, "TextStreamer", no_streaming)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("say the\n\nRESET\nsay the\n\nEXIT\n"))
+    argv = [chain_model, "--no-streamer", "--temperature", "0", "--max-new-tokens", "3"]
+    assert chat.main(argv) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert out.count("the the the\n") == 2 and "(new conversation)" in out, out

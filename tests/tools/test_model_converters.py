@@ -79,3 +79,67 @@ def test_merge_is_clip_folds_the_vision_adapter(tmp_path, capsys):
     assert not any("lora" in k for k in merged.state_dict())
 
     assert cli([*argv, "--device", "cuda"]) == (0 if torch.cuda.is_available() else 1)
+
+
+LLAVA_CONFIG = """
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
+from xtuner.model import LLaVAModel
+
+tokenizer = dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path={llm!r})
+image_processor = dict(
+    type=CLIPImageProcessor.from_pretrained, pretrained_model_name_or_path={clip!r}
+)
+model = dict(
+    type=LLaVAModel,
+    freeze_llm=True,
+    freeze_visual_encoder=True,
+    use_activation_checkpointing=False,
+    llm=dict(
+        type=AutoModelForCausalLM.from_pretrained,
+        pretrained_model_name_or_path={llm!r},
+        torch_dtype=torch.float32,
+    ),
+    visual_encoder=dict(
+        type=CLIPVisionModel.from_pretrained, pretrained_model_name_or_path={clip!r}
+    ),
+)
+"""
+
+
+def test_pth_to_hf_save_format_official(tmp_path, demo_assets, capsys):
+    from mmengine.config import Config
+    from safetensors.torch import load_file
+
+    from xtuner.demo.llava import build_tiny_clip
+    from xtuner.registry import BUILDER
+
+    clip = str(tmp_path / "clip")
+    build_tiny_clip(clip)
+    config = tmp_path / "llava_cfg.py"
+    config.write_text(LLAVA_CONFIG.format(llm=demo_assets["model"], clip=clip))
+    torch.manual_seed(0)
+    model = BUILDER.build(Config.fromfile(str(config)).model)
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.normal_()
+    pth = tmp_path / "iter_1.pth"
+    torch.save({"meta": {}, "state_dict": model.state_dict()}, pth)
+
+    out = tmp_path / "official"
+    argv = ["convert", "pth_to_hf", str(config), str(pth), str(out), "--fp32"]
+    assert cli([*argv, "--save-format", "official"]) == 0, capsys.readouterr().err
+    saved = load_file(out / "model.safetensors")
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(saved["model.mm_projector." + key[len("model.") :]], value), key
+    assert not any(k.startswith("model.vision_tower.") for k in saved)  # frozen: not saved
+    for key, value in model.base_llm.state_dict().items():
+        if key in saved:
+            assert torch.equal(saved[key], value), key
+    assert "model.embed_tokens.weight" in saved
+    assert json.loads((out / "config.json").read_text())["mm_vision_tower"] == clip
+    assert (out / "tokenizer_config.json").exists()
+    assert (out / "preprocessor_config.json").exists()
+
+    assert cli([*argv, "--save-format", "gguf"]) == 1
+    assert "save_format='gguf' is not supported" in capsys.readouterr().err

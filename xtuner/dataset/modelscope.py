@@ -14,7 +14,7 @@ def _require_modelscope() -> None:
     except ImportError as e:
         raise ImportError(
             "process_ms_dataset loads data through ModelScope, which is not installed: "
-            "pip install modelscope"
+            "pip install 'xtuner[modelscope]' (or pip install modelscope)"
         ) from e
 
 

@@ -13,15 +13,14 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 
-import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.registry import METRICS
 from torch.utils.data import Dataset
 
+from xtuner.dataset.collate_fns.mmlu_collate_fn import LETTERS, mmlu_collate_fn
 from xtuner.registry import BUILDER
-from xtuner.utils.constants import DEFAULT_PAD_TOKEN_INDEX
 
-LETTERS = ("A", "B", "C", "D")
+__all__ = ["MMLUDataset", "MMLUMetric", "mmlu_collate_fn"]
 
 
 def _build(obj):
@@ -81,21 +80,6 @@ class MMLUDataset(Dataset):
             "answer": LETTERS.index(str(record["answer"]).strip()),
             "subject": record.get("subject") or "all",
         }
-
-
-def mmlu_collate_fn(instances: Sequence[dict], pad_index: int = DEFAULT_PAD_TOKEN_INDEX) -> dict:
-    """Right-pads the prompts; ``data_samples`` keep each prompt's length, answer, subject."""
-    width = max(len(x["input_ids"]) for x in instances)
-    ids = torch.full((len(instances), width), pad_index, dtype=torch.long)
-    mask = torch.zeros((len(instances), width), dtype=torch.bool)
-    for row, x in enumerate(instances):
-        ids[row, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
-        mask[row, : len(x["input_ids"])] = True
-    samples = [
-        {"length": len(x["input_ids"]), "answer": x["answer"], "subject": x["subject"]}
-        for x in instances
-    ]
-    return {"data": {"input_ids": ids, "attention_mask": mask}, "data_samples": samples}
 
 
 @METRICS.register_module()

@@ -31,7 +31,14 @@ from .multimodal import MultimodalFinetune
 from .sft import _bf16_ok
 from .utils import LoadWoInit, build_nested, find_all_linear_names
 
-SAVE_FORMATS = ("xtuner", "huggingface")
+SAVE_FORMATS = ("xtuner", "huggingface", "official")
+#: The original LLaVA repositories' class and ``model_type`` for each language-model class
+#: (haotian-liu/LLaVA: Llama, Mistral; LLaVA-NeXT: Qwen2).
+OFFICIAL_LLAVA_CLASSES = {
+    "LlamaForCausalLM": ("LlavaLlamaForCausalLM", "llava_llama"),
+    "MistralForCausalLM": ("LlavaMistralForCausalLM", "llava_mistral"),
+    "Qwen2ForCausalLM": ("LlavaQwenForCausalLM", "llava_qwen"),
+}
 
 
 class ImageSplice:
@@ -346,12 +353,17 @@ class LLaVAModel(MultimodalFinetune):
             save_format: ``'xtuner'``: the trained parts in separate folders (``llm_adapter``
                 or the LLM itself in ``save_dir``, ``visual_encoder_adapter`` or
                 ``visual_encoder``, ``projector``); ``'huggingface'``: one transformers
-                ``LlavaForConditionalGeneration`` (LoRA merged) with its processor.
+                ``LlavaForConditionalGeneration`` (LoRA merged) with its processor;
+                ``'official'``: the original LLaVA repository's checkpoint (see
+                :meth:`official_llava_state`).
         """
+        kwargs = dict(save_pretrained_kwargs or {})
         if save_format == "xtuner":
-            self._to_xtuner_llava(cfg, save_dir, fp32, dict(save_pretrained_kwargs or {}))
+            self._to_xtuner_llava(cfg, save_dir, fp32, kwargs)
         elif save_format == "huggingface":
-            self._to_huggingface_llava(cfg, save_dir, fp32, dict(save_pretrained_kwargs or {}))
+            self._to_huggingface_llava(cfg, save_dir, fp32, kwargs)
+        elif save_format == "official":
+            self._to_official_llava(cfg, save_dir, fp32, kwargs)
         else:
             raise ValueError(
                 f"save_format={save_format!r} is not supported; use one of {SAVE_FORMATS}"
@@ -374,6 +386,15 @@ class LLaVAModel(MultimodalFinetune):
         _save_copy(self.projector, osp.join(save_dir, "projector"), dtype, kwargs)
         print_log(f"saved the LLaVA parts (xtuner format) to {save_dir}", "current")
 
+    def _check_not_quantized(self) -> None:
+        if getattr(self.base_llm, "is_loaded_in_4bit", False) or getattr(
+            self.base_llm, "is_loaded_in_8bit", False
+        ):
+            raise ValueError(
+                "cannot merge LoRA into a quantized LLM: convert from a config without "
+                "quantization_config (xtuner convert pth_to_hf does that)"
+            )
+
     def build_hf_llava(self, tokenizer: Any):
         """This model as a transformers ``LlavaForConditionalGeneration`` (LoRA merged).
 
@@ -388,13 +409,7 @@ class LLaVAModel(MultimodalFinetune):
                 f"the huggingface format needs projector_depth=2 (Linear, GELU, Linear), this "
                 f"model has {self.projector.config.depth}; use save_format='xtuner'"
             )
-        if getattr(self.base_llm, "is_loaded_in_4bit", False) or getattr(
-            self.base_llm, "is_loaded_in_8bit", False
-        ):
-            raise ValueError(
-                "cannot merge LoRA into a quantized LLM: convert from a config without "
-                "quantization_config (xtuner convert pth_to_hf does that)"
-            )
+        self._check_not_quantized()
         if DEFAULT_IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True)], True)
         llm = _merged(self.llm)
@@ -448,6 +463,92 @@ class LLaVAModel(MultimodalFinetune):
                 num_additional_image_tokens=1,
             ).save_pretrained(save_dir)
         print_log(f"saved LlavaForConditionalGeneration to {save_dir}", "current")
+
+    def official_llava_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """This model in the original LLaVA repository's layout: ``(config, weights)``.
+
+        The layout of ``LlavaLlamaForCausalLM`` (haotian-liu/LLaVA; Mistral alike, Qwen2 as
+        LLaVA-NeXT's ``LlavaQwenForCausalLM``): the language model's own keys (LoRA merged),
+        the projector under ``model.mm_projector.{0,2,...}`` (``mlp{depth}x_gelu``) and, when
+        the vision encoder was trained (in full or with LoRA, merged), its weights under
+        ``model.vision_tower.vision_tower.``; otherwise LLaVA loads it from
+        ``mm_vision_tower``. The config is the language model's with LLaVA's ``mm_*`` keys.
+        """
+        self._check_not_quantized()
+        projector = self.projector.config
+        if not projector.bias or projector.hidden_act != "gelu":
+            raise ValueError(
+                "the official format needs LLaVA's projector (Linear layers with biases, GELU "
+                f"between them); this one has bias={projector.bias}, hidden_act="
+                f"{projector.hidden_act!r}: use save_format='xtuner'"
+            )
+        llm = _merged(self.llm)
+        classes = OFFICIAL_LLAVA_CLASSES.get(type(llm).__name__)
+        if classes is None:
+            raise ValueError(
+                f"the official LLaVA format has no class for a {type(llm).__name__} language "
+                f"model (it has {sorted(OFFICIAL_LLAVA_CLASSES)}); use save_format='huggingface' "
+                "or 'xtuner'"
+            )
+        vision = _merged(self.visual_encoder)
+        trained_vision = self.use_visual_encoder_lora or not self.freeze_visual_encoder
+        state = dict(llm.state_dict())
+        if getattr(llm.config, "tie_word_embeddings", False):
+            # As save_pretrained stores it: a tied head once, under the embedding's name.
+            for key in getattr(llm, "_tied_weights_keys", None) or ():
+                state.pop(key, None)
+        if trained_vision:
+            state.update(
+                (f"model.vision_tower.vision_tower.{k}", v) for k, v in vision.state_dict().items()
+            )
+        state.update(
+            (f"model.mm_projector.{k[6:]}", v) for k, v in self.projector.state_dict().items()
+        )
+        config = llm.config.to_dict()
+        config.update(
+            architectures=[classes[0]],
+            model_type=classes[1],
+            use_cache=True,
+            image_aspect_ratio="pad",  # xtuner pads images to a square as LLaVA does
+            mm_hidden_size=vision.config.hidden_size,
+            mm_projector_type=f"mlp{projector.depth}x_gelu",
+            mm_use_im_patch_token=False,
+            mm_use_im_start_end=False,
+            mm_vision_select_feature="patch",  # the CLS feature is dropped
+            mm_vision_select_layer=self.visual_select_layer,
+            mm_vision_tower=vision.config.name_or_path,
+            unfreeze_mm_vision_tower=trained_vision,
+            use_mm_proj=True,
+        )
+        return config, state
+
+    def _to_official_llava(self, cfg, save_dir: str, fp32: bool, kwargs: dict) -> None:
+        import json
+
+        from huggingface_hub import save_torch_state_dict
+
+        config, state = self.official_llava_state()
+        dtype = torch.float32 if fp32 else _half_dtype()
+        state = {k: v.detach().to(dtype) for k, v in state.items()}
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        os.makedirs(save_dir, exist_ok=True)
+        # huggingface_hub's writer shards by size and stores tied weights once, as
+        # save_pretrained does.
+        save_torch_state_dict(
+            state,
+            save_dir,
+            max_shard_size=kwargs.get("max_shard_size", "5GB"),
+            safe_serialization=kwargs.get("safe_serialization", True),
+        )
+        with open(osp.join(save_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        for key in ("tokenizer", "image_processor"):
+            part = _built(cfg, key)
+            if part is not None:
+                part.save_pretrained(save_dir)
+        print_log(
+            f"saved {config['architectures'][0]} (official LLaVA layout) to {save_dir}", "current"
+        )
 
 
 def _merged(model: nn.Module) -> nn.Module:

@@ -11,6 +11,7 @@ from mmengine.logging import print_log
 from torch import Tensor, nn
 
 from xtuner.registry import BUILDER
+from xtuner.utils.constants import IGNORE_INDEX
 
 from .losses import OutputHead, compute_weights
 from .losses.preference import REWARD_LOSS_TYPES
@@ -97,6 +98,17 @@ class RewardModel(PreferenceFinetune):
     def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # The score is read at the reward token itself: the labels are not shifted.
         labels = data["labels"]
+        targets = labels[labels != IGNORE_INDEX]
+        if ((targets != 0) & (targets != 1)).any():
+            # Policy (DPO) data labels every answer token with its id: the scores would be
+            # read at arbitrary positions and training would go on, silently wrong.
+            raise ValueError(
+                "RewardModel: the batch's labels are not reward labels (0 at the chosen "
+                "answer's reward token, 1 at the rejected one's; here "
+                f"{sorted(set(targets.unique()[:5].tolist()))}...). Build the data with "
+                "build_preference_dataset(..., is_dpo=False, is_reward=True, "
+                "reward_token_id=ID)."
+            )
         return labels, compute_weights(self.loss.weight_specs(), labels, position_ids)
 
     def forward(self, data: dict, data_samples=None, mode: str = "loss"):

@@ -218,10 +218,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build_runner(args):
+def build_runner(args, cfg):
     from mmengine.logging import print_log
 
-    cfg = load_config(args.config, args.cfg_options)
     for change in adapt_config_to_device(cfg):
         print_log(change, "current", level=30)
     cfg.launcher = args.launcher
@@ -261,7 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         # Arguments first: a mistyped flag is reported before mmengine and torch load.
         args = parse_args(argv)
-        runner, sp = build_runner(args)
+        cfg = load_config(args.config, args.cfg_options)
+        framework = cfg.get("framework", "mmengine")
+        if framework == "huggingface":
+            from xtuner.tools.train_hf import train_with_hf_trainer
+
+            return train_with_hf_trainer(cfg, args)
+        if framework != "mmengine":
+            raise UserError(
+                f"config {args.config}: framework={framework!r}; use 'mmengine' (the default) "
+                "or 'huggingface' (the HF Trainer, see docs/en/compatibility.md)"
+            )
+        runner, sp = build_runner(args, cfg)
         from xtuner.parallel.sequence import init_sequence_parallel
 
         init_sequence_parallel(sp)

@@ -154,8 +154,10 @@ def import_custom_modules(cfg: Config, path: str) -> list[str]:
 
 
 def _check_top_level_keys(cfg: Config, path: str) -> None:
+    # Names the config imports (``Visualizer``) are not settings, whatever they look like.
+    imported = getattr(cfg, "_imported_names", set())
     for key in cfg:
-        if key in RUNNER_KEYS:
+        if key in RUNNER_KEYS or key in imported:
             continue
         close = difflib.get_close_matches(key, RUNNER_KEYS, n=1, cutoff=0.8)
         if close and close[0] not in cfg:
@@ -184,6 +186,19 @@ def add_cfg_options(parser: argparse.ArgumentParser) -> None:
 
 
 _UNEXPECTED = re.compile(r"got an unexpected keyword argument '(\w+)'")
+_NO_MODULE = re.compile(r"No module named '([\w.]+)'")
+#: optional packages some XTuner 0.x configs import, and how to get each.
+OPTIONAL_PACKAGES = {
+    "modelscope": "it is an optional extra: pip install 'xtuner[modelscope]' (or '.[all]')",
+    "openmind": (
+        "openMind (openmind, openmind_hub) supports Python 3.8-3.10 only, so it is no extra "
+        "of this fork: on such a Python run pip install openmind openmind_hub, or load the "
+        "data with datasets.load_dataset instead (docs/en/compatibility.md)"
+    ),
+    "deepspeed": "it is an optional extra: pip install 'xtuner[deepspeed]'",
+    "bitsandbytes": "it is an optional extra: pip install 'xtuner[quant]'",
+}
+OPTIONAL_PACKAGES["openmind_hub"] = OPTIONAL_PACKAGES["openmind"]
 
 
 def explain(exc: BaseException) -> str:
@@ -193,6 +208,12 @@ def explain(exc: BaseException) -> str:
     if match:
         hint = _suggest_argument(_called_class(exc), match.group(1))
         return f"{text}.{hint} Check that key in the config."
+    missing = _NO_MODULE.search(text) if isinstance(exc, ImportError) else None
+    top = missing.group(1).split(".")[0] if missing else None
+    if top in OPTIONAL_PACKAGES:
+        return (
+            f"{text}. The config needs {top!r}, which is not installed: {OPTIONAL_PACKAGES[top]}."
+        )
     if isinstance(exc, FileNotFoundError):
         return f"{text}. Check the path in the config or on the command line."
     if isinstance(exc, OSError) and ("does not appear to have" in text or "not a valid" in text):

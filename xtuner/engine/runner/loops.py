@@ -186,7 +186,7 @@ class TrainLoop(IterBasedTrainLoop):
             self.runner.model.module if is_model_wrapper(self.runner.model) else self.runner.model
         )
         if self.loss_normalization == "global" and hasattr(model, "loss_denominators"):
-            self._attach_denominators(model, batches, divisor)
+            attach_loss_denominators(model, batches, divisor)
         self._window.extend(batches)
 
     def _accumulation(self) -> tuple[int, int]:
@@ -210,27 +210,41 @@ class TrainLoop(IterBasedTrainLoop):
             return accumulate, remainder
         return accumulate, accumulate
 
-    def _attach_denominators(self, model, batches: list, divisor: int) -> None:
-        sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            data = batch.get("data", batch)
-            for key, value in model.loss_denominators(data).items():
-                sums[key] = sums.get(key, 0) + value.double().cpu()
-        keys = sorted(sums)
-        if not keys:
-            return
-        stacked = torch.stack([sums[k] for k in keys])
-        device = _comm_device()
-        stacked = all_reduce_sum(stacked.to(device)).cpu()
-        # The ranks of one sequence-parallel group hold the same sequences: count them once.
-        stacked = stacked / get_sequence_parallel_world_size()
-        # A window without any target anywhere: every loss sum is 0, keep its gradient 0.
-        stacked = torch.where(stacked > 0, stacked, torch.ones_like(stacked))
-        scale = world_size() * divisor
-        denominators = {k: (stacked[i] / scale).float() for i, k in enumerate(keys)}
-        for batch in batches:
-            data = batch.get("data", batch)
-            data["loss_denominator"] = {k: v.clone() for k, v in denominators.items()}
+
+def attach_loss_denominators(model, batches: list, divisor: int) -> None:
+    """Hands every micro-batch of one accumulation window its ``loss_denominator``.
+
+    The token-weight sums of the window (``model.loss_denominators``), all-reduced over the
+    ranks, divided by the ranks and by ``divisor`` (what the optimizer step divides the loss
+    by: the accumulation steps of this window), so that data-parallel averaging and the
+    accumulation scaling give the gradient of the global token mean (the module docstring).
+    Used by :class:`TrainLoop` and by the HF Trainer path (``xtuner/tools/train_hf.py``).
+
+    Args:
+        model: the model (unwrapped), with ``loss_denominators(data)``.
+        batches: the collated micro-batches (``{"data": ...}`` or the bare data dict).
+        divisor: the divisor of the accumulated loss.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        data = batch.get("data", batch)
+        for key, value in model.loss_denominators(data).items():
+            sums[key] = sums.get(key, 0) + value.double().cpu()
+    keys = sorted(sums)
+    if not keys:
+        return
+    stacked = torch.stack([sums[k] for k in keys])
+    device = _comm_device()
+    stacked = all_reduce_sum(stacked.to(device)).cpu()
+    # The ranks of one sequence-parallel group hold the same sequences: count them once.
+    stacked = stacked / get_sequence_parallel_world_size()
+    # A window without any target anywhere: every loss sum is 0, keep its gradient 0.
+    stacked = torch.where(stacked > 0, stacked, torch.ones_like(stacked))
+    scale = world_size() * divisor
+    denominators = {k: (stacked[i] / scale).float() for i, k in enumerate(keys)}
+    for batch in batches:
+        data = batch.get("data", batch)
+        data["loss_denominator"] = {k: v.clone() for k, v in denominators.items()}
 
 
 def _comm_device() -> torch.device:

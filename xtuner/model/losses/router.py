@@ -58,7 +58,12 @@ class RouterOutputs:
 
 
 def balance_function(model: nn.Module) -> Callable[..., Tensor] | None:
-    """The family's ``load_balancing_loss_func`` (from the model's module), or None."""
+    """The family's ``load_balancing_loss_func``, or None: the model's own method where it
+    has one (its routing depends on its config, as DeepSeek-V2's group-limited routing), else
+    the function of the model's module."""
+    own = getattr(model, "load_balancing_loss_func", None)
+    if own is not None:
+        return own
     return getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
 
 

@@ -3,7 +3,7 @@
 PTH is an mmengine checkpoint file (``iter_N.pth``) or the DeepSpeed checkpoint folder of any
 ZeRO stage (``iter_N.pth/``; its partitions are merged with DeepSpeed's ``zero_to_fp32``). With
 LoRA the adapter is saved (merge it with ``xtuner convert merge``); LLaVA models take
-``--save-format xtuner|huggingface``.
+``--save-format xtuner|huggingface|official``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--safe-serialization", action="store_true", default=True, help="safetensors (default)"
     )
-    parser.add_argument("--save-format", default=None, help="LLaVA: xtuner or huggingface")
+    parser.add_argument(
+        "--save-format", default=None, help="LLaVA: xtuner (default), huggingface or official"
+    )
     add_cfg_options(parser)
 
     def body() -> int:
@@ -33,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         from xtuner.registry import BUILDER
 
         cfg = load_config(args.config, args.cfg_options)
+        if args.save_format in ("huggingface", "official"):
+            # These formats merge LoRA into the LLM, which a quantized base cannot take: the
+            # base is built unquantized (the checkpoint holds only the trained weights).
+            llm = cfg.model.get("llm")
+            if isinstance(llm, dict) and llm.pop("quantization_config", None) is not None:
+                print(
+                    f"building the LLM without its quantization_config (--save-format "
+                    f"{args.save_format} merges the adapter)"
+                )
+        if "pretrained_pth" in cfg.model:
+            cfg.model.pretrained_pth = None  # an earlier stage's weights: the checkpoint has them
         model = BUILDER.build(cfg.model)
         try:
             state = load_checkpoint_state(args.pth_model)

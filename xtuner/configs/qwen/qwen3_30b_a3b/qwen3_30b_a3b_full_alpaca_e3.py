@@ -90,6 +90,9 @@ model = dict(
         pretrained_model_name_or_path=pretrained_model_name_or_path,
         trust_remote_code=True,
         torch_dtype=torch.bfloat16,
+        # The router logits come out: the MoE load-balancing loss is a term of its own,
+        # loss_router_aux (router_aux_loss_coef of the model config, as HF trains it).
+        output_router_logits=True,
     ),
     # The pluggable loss (docs/en/custom_loss.md): a registered name, class or dotted path.
     loss=dict(type="CrossEntropyLoss"),

@@ -91,6 +91,9 @@ model = dict(
         pretrained_model_name_or_path=pretrained_model_name_or_path,
         trust_remote_code=True,
         torch_dtype=torch.bfloat16,
+        # The router logits come out: the MoE load-balancing loss is a term of its own,
+        # loss_router_aux (router_aux_loss_coef of the model config, as HF trains it).
+        output_router_logits=True,
     ),
     lora=dict(
         type=LoraConfig, r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM"

@@ -1,7 +1,8 @@
 # Qwen3-30B-A3B (MoE, 3B active): LoRA (r=64 on every linear layer but the output head; the base
 # stays in bf16), on Alpaca (52k English instructions), 3 epochs.
 # Loss: cross-entropy plus z-loss (1e-4 * logsumexp^2, PaLM), which keeps the output logits from
-# drifting and makes long bf16 runs more stable.
+# drifting and makes long bf16 runs more stable, and the MoE router's two terms with their own
+# coefficients: load balancing (Switch Transformer) and the router z-loss (ST-MoE).
 # Run:
 #   NPROC_PER_NODE=8 xtuner train qwen3_30b_a3b_lora_alpaca_e3_zloss --deepspeed deepspeed_zero2
 # The bf16 base (61 GB) on every GPU: 80 GB GPUs.
@@ -43,6 +44,8 @@ from xtuner.utils import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
 # Model
 pretrained_model_name_or_path = "Qwen/Qwen3-30B-A3B"
 use_varlen_attn = False
+router_aux_loss_coef = 1e-3  # load balancing (Qwen3-MoE's own default)
+router_z_loss_coef = 1e-3  # router z-loss (ST-MoE's value)
 
 # Data
 alpaca_en_path = "tatsu-lab/alpaca"
@@ -93,6 +96,9 @@ model = dict(
         pretrained_model_name_or_path=pretrained_model_name_or_path,
         trust_remote_code=True,
         torch_dtype=torch.bfloat16,
+        # The router logits come out: the MoE load-balancing loss is a term of its own,
+        # loss_router_aux (router_aux_loss_coef of the model config, as HF trains it).
+        output_router_logits=True,
     ),
     lora=dict(
         type=LoraConfig, r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM"
@@ -101,6 +107,9 @@ model = dict(
     loss=[
         dict(type="CrossEntropyLoss"),
         dict(type="ZLoss", loss_weight=1e-4),
+        # Named router losses replace the automatic loss_router_aux (docs/en/supported_models.md).
+        dict(type="RouterAuxLoss", coef=router_aux_loss_coef),
+        dict(type="RouterZLoss", coef=router_z_loss_coef),
     ],
 )
 
