@@ -30,6 +30,16 @@ def tiny_llama_path(demo_assets) -> str:
     return demo_assets["model"]
 
 
+@pytest.fixture(scope="session")
+def internvl_path(demo_assets, tmp_path_factory) -> str:
+    """A tiny native InternVL checkpoint (InternVL vision tower on 32x32 tiles giving 4
+    features each, tiny Qwen2, the demo tokenizer with the image tokens)."""
+    from xtuner.demo.internvl import build_tiny_internvl
+
+    folder = tmp_path_factory.mktemp("internvl") / "model"
+    return build_tiny_internvl(str(folder), demo_assets["tokenizer"])
+
+
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

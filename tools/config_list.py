@@ -35,7 +35,11 @@ def describe(path: str, lang: str) -> tuple[str, ...]:
         text = f.read()
     name = osp.splitext(osp.basename(path))[0]
     words = WORDS[lang]
-    model = _setting(text, "pretrained_model_name_or_path") or _setting(text, "llm_name_or_path")
+    model = (
+        _setting(text, "pretrained_model_name_or_path")
+        or _setting(text, "llm_name_or_path")
+        or _setting(text, "path")  # InternVL: one checkpoint
+    )
     encoder = _setting(text, "visual_encoder_name_or_path")
     if model is None:
         model = "tiny Llama (demo)" + (" + tiny CLIP" if "demo_clip" in text else "")
@@ -47,6 +51,11 @@ def describe(path: str, lang: str) -> tuple[str, ...]:
             method = ("QLoRA" if quantized else "LoRA") + " (LLaVA finetune)"
         else:
             method = "projector (LLaVA pretrain)"
+    elif "InternVL_V1_5" in text:
+        quantized = "quantization_llm=True" in text
+        method = (
+            "QLoRA" if quantized else "LoRA" if "llm_lora" in text else "full"
+        ) + " (InternVL)"
     elif quantized:
         method = "QLoRA"
     elif re.search(r"^    lora=dict", text, re.M):

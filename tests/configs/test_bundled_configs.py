@@ -43,7 +43,10 @@ FAMILIES = {
     "mistral_": "MistralForCausalLM",
     "ministral_": "MistralForCausalLM",
     "llava_qwen2_5_": "Qwen2ForCausalLM",
+    "internvl3_": "InternVLForConditionalGeneration",
 }
+# Multimodal families whose tiny stand-in is built by their own test below.
+MULTIMODAL = {"llava_qwen2_5_", "internvl3_"}
 CONFIG_CLASS = {
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
@@ -142,6 +145,10 @@ def test_bundled_config_parses_and_every_type_resolves(name):
         assert cfg.use_varlen_attn, f"{name}: use_varlen_attn is off"
     if name.startswith("llava_"):
         return  # the LLaVA stages' names follow upstream's LLaVA scheme
+    if name.startswith("internvl"):  # upstream's InternVL scheme: LoRA on the LLM
+        assert getattr(cfg.model.type, "__name__", None) == "InternVL_V1_5", name
+        assert ("_lora_" in name) == (cfg.model.get("llm_lora") is not None), name
+        return
     kind = PREFERENCE_KINDS.get(_preference_kind(name), "SupervisedFinetune")
     assert getattr(cfg.model.type, "__name__", cfg.model.type) == kind, name
     method = re.search(r"_(full|lora|qlora)_", name + "_")
@@ -194,7 +201,7 @@ def tiny_models(tmp_path_factory, demo_assets) -> dict[str, str]:
     tokenizer = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
     root = tmp_path_factory.mktemp("tiny_models")
     paths = {}
-    for model_class in sorted(set(FAMILIES.values())):
+    for model_class in sorted({FAMILIES[f] for f in FAMILIES if f != "internvl3_"}):
         torch.manual_seed(0)
         config = _tiny_config(CONFIG_CLASS[model_class], len(tokenizer), tokenizer)
         model = AutoModelForCausalLM.from_config(config)
@@ -295,7 +302,7 @@ TRAINED = {
 
 @pytest.mark.slow
 def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
-    tmp_path, tiny_models, demo_assets
+    tmp_path, tiny_models, demo_assets, internvl_path
 ):
     from xtuner.demo.llava import (
         LLAVA_DEMO_FINETUNE,
@@ -304,7 +311,7 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
         build_tiny_clip,
     )
 
-    assert {family_of(n) for n in TRAINED} | {"llava_qwen2_5_"} == set(FAMILIES)
+    assert {family_of(n) for n in TRAINED} | MULTIMODAL == set(FAMILIES)
     data = _alpaca_dir(tmp_path, demo_assets)
     jobs = []
     for name in TRAINED:
@@ -332,9 +339,27 @@ def test_one_config_per_family_trains_3_iterations_on_a_tiny_model(
     ft = tiny_version(finetune, ft_settings, str(tmp_path))
     jobs += [(pre, str(tmp_path / pretrain)), (ft, str(tmp_path / finetune))]
 
+    # InternVL: a tiny native InternVL (tiny InternVL vision tower, tiny Qwen2).
+    from xtuner.demo.internvl import write_internvl_data
+
+    internvl_data = write_internvl_data(str(tmp_path / "internvl_data"), repeat=12)
+    (internvl_name,) = [n for n in BUNDLED if n.startswith("internvl3_")]
+    internvl_settings = {
+        "path": repr(internvl_path),
+        "data_path": repr(internvl_data["data"]),
+        "image_folder": repr(internvl_data["image_folder"]),
+        "max_length": "512",
+        "batch_size": "2",
+        "accumulative_counts": "1",
+        "dataloader_num_workers": "0",
+    }
+    cfg = tiny_version(internvl_name, internvl_settings, str(tmp_path))
+    jobs.append((cfg, str(tmp_path / internvl_name)))
+
     out = _train_all(jobs)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    for name, terms in [*TRAINED.items(), (pretrain, {"loss"}), (finetune, {"loss"})]:
+    multimodal = [(pretrain, {"loss"}), (finetune, {"loss"}), (internvl_name, {"loss"})]
+    for name, terms in [*TRAINED.items(), *multimodal]:
         records = _logged(str(tmp_path / name))
         assert [r["step"] for r in records] == [1, 2, 3], name
         for record in records:

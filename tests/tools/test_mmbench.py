@@ -14,11 +14,11 @@ from xtuner.entry_point import cli
 from xtuner.tools.mmbench import parse_letter, question_text
 
 
-def _png(color: str, shape: str) -> str:
+def _png(color: str, shape: str, size: tuple[int, int] = (32, 32)) -> str:
     from xtuner.demo.llava import draw_shape
 
     buffer = io.BytesIO()
-    draw_shape(color, shape, (32, 32)).save(buffer, format="PNG")
+    draw_shape(color, shape, size).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -43,6 +43,25 @@ def _always_a(base: str, save_dir: str) -> str:
     model.save_pretrained(save_dir)
     tokenizer.save_pretrained(save_dir)
     return save_dir
+
+
+def _chat_answers(rows, work, model, monkeypatch, capsys) -> list[str]:
+    """The rows' questions through `xtuner chat --prompts`, one conversation each, with the
+    images mmbench wrote."""
+    prompts = "".join(
+        json.dumps(
+            {
+                "input": question_text(pd.Series(r))[0],
+                "new_conversation": True,
+                "image": str(work / "images" / f"{r['index']}.png"),
+            }
+        )
+        + "\n"
+        for r in rows
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompts))
+    assert cli(["chat", *model, "--temperature", "0", "--prompts", "-"]) == 0
+    return [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
 
 
 def test_mmbench_writes_predictions_and_accuracy(tmp_path, demo_assets, capsys, monkeypatch):
@@ -110,21 +129,7 @@ def test_mmbench_writes_predictions_and_accuracy(tmp_path, demo_assets, capsys, 
     assert result["index"].tolist() == [10, 11, 12]
 
     # Reference: the same questions through `xtuner chat --prompts`, one conversation each.
-    prompts = "".join(
-        json.dumps(
-            {
-                "input": question_text(pd.Series(r))[0],
-                "new_conversation": True,
-                "image": str(work / "images" / f"{r['index']}.png"),
-            }
-        )
-        + "\n"
-        for r in rows
-    )
-    monkeypatch.setattr(sys, "stdin", io.StringIO(prompts))
-    chat_args = ["--temperature", "0", "--prompts", "-"]
-    assert cli(["chat", *model, *chat_args]) == 0
-    answers = [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
+    answers = _chat_answers(rows, work, model, monkeypatch, capsys)
     options = [["A", "B", "C", "D"], ["A", "B", "C"], ["A", "B", "C", "D"]]
     expected = [parse_letter(a, o) for a, o in zip(answers, options)]
     assert result["prediction"].tolist() == expected == ["A", "A", "A"]
@@ -144,3 +149,74 @@ def test_parse_letter_takes_the_first_option_named():
     assert parse_letter("The answer is C. blue", ["A", "B", "C", "D"]) == "C"
     assert parse_letter("Definitely", ["A", "B", "C", "D"]) == ""
     assert parse_letter("D", ["A", "B", "C"]) == ""
+
+
+def test_mmbench_and_chat_with_an_internvl_checkpoint(internvl_path, tmp_path, capsys):
+    """An InternVL checkpoint is the model itself (no --llava): each answer is the greedy
+    token the HF model gives for the prompt with the image's tiles and tile tokens."""
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from xtuner.dataset.internvl_dataset import ImageTiler
+    from xtuner.tools import chat
+    from xtuner.utils.constants import IMAGE_TOKEN_INDEX
+
+    path = internvl_path
+    rows = [
+        dict(
+            index=1,
+            question="Which colour?",
+            A="red",
+            B="blue",
+            answer="A",
+            image=_png("red", "circle"),
+        ),
+        dict(
+            index=2,
+            question="Which shape?",
+            A="square",
+            B="circle",
+            answer="A",
+            image=_png("blue", "square", (64, 32)),
+        ),
+    ]
+    tsv = tmp_path / "mmbench.tsv"
+    pd.DataFrame(rows).to_csv(tsv, sep="\t", index=False)
+    work = tmp_path / "work"
+    model = [path, "--prompt-template", "qwen_chat", "--max-new-tokens", "1"]
+    assert cli(["mmbench", *model, "--data-path", str(tsv), "--work-dir", str(work)]) == 0
+    capsys.readouterr()
+    result = pd.read_csv(work / "mmbench_result.tsv", sep="\t", keep_default_na=False)
+    assert result["index"].tolist() == [1, 2]
+
+    # The same questions through an `xtuner chat` session, one conversation each.
+    args = chat.build_parser().parse_args([*model, "--temperature", "0"])
+    session = chat.build_session(args)
+    images = [str(work / "images" / f"{r['index']}.png") for r in rows]
+    texts = [question_text(pd.Series(r))[0] for r in rows]
+    answers = [
+        session.answer(chat.Turn(text, image=image, new_conversation=True))["answer"]
+        for text, image in zip(texts, images)
+    ]
+    assert result["prediction"].tolist() == [parse_letter(a, ["A", "B"]) for a in answers]
+
+    # Reference: the prompt's image token written out by hand, through the HF model.
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = InternVLForConditionalGeneration.from_pretrained(path).eval()
+    for text, image_file, answer in zip(texts, images, answers):
+        with Image.open(image_file) as image:
+            tiles = ImageTiler(32, 1, 6)(image.convert("RGB"))
+        session.reset()  # a new conversation, as each question had
+        ids = session.prompt_ids("<image>\n" + text)
+        at = ids.index(IMAGE_TOKEN_INDEX)
+        block = [
+            tok.start_image_token_id,
+            *[tok.context_image_token_id] * (4 * len(tiles)),
+            tok.end_image_token_id,
+        ]
+        ids = ids[:at] + block + ids[at + 1 :]
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([ids]), pixel_values=tiles).logits
+        assert answer == tok.decode([int(logits[0, -1].argmax())]).strip()
+    assert len(tiles) == 3  # the wide image: 2 tiles and a thumbnail

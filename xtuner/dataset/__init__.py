@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "process_ms_dataset": ".modelscope",
         "ConcatDataset": ".concat_dataset",
         "LLaVADataset": ".llava",
+        "InternVL_V1_5_Dataset": ".internvl_dataset",
         "MOSSSFTDataset": ".moss_sft",
         "build_packed_dataset": ".intern_repo",
         "load_intern_repo_tokenized_dataset": ".intern_repo",

@@ -281,19 +281,23 @@ class LLaVADataset(Dataset):
         size = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
         return size["height"], size["width"]
 
-    def load_image(self, file: str, index: int) -> torch.Tensor:
-        """Reads, (pads,) and processes one image to ``[C, H, W]``."""
+    def open_image(self, file: str, index: int):
+        """Reads one image of sample ``index`` as an RGB PIL image (a clear error if broken)."""
         from PIL import Image
 
         path = osp.join(self.image_folder, file)
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                return image.convert("RGB")
         except (OSError, ValueError) as e:
             raise ValueError(
-                f"LLaVADataset sample {index}: cannot decode image {path} ({e}); fix or "
-                "remove it, or drop the record from the data"
+                f"{type(self).__name__} sample {index}: cannot decode image {path} ({e}); fix "
+                "or remove it, or drop the record from the data"
             ) from e
+
+    def load_image(self, file: str, index: int) -> torch.Tensor:
+        """Reads, (pads,) and processes one image to ``[C, H, W]``."""
+        image = self.open_image(file, index)
         if self.pad_image_to_square:
             mean = self.image_processor.image_mean
             image = expand2square(image, tuple(int(x * 255) for x in mean))

@@ -10,5 +10,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "SupervisedFinetune": ".sft",
         "LLaVAModel": ".llava",
+        "InternVL_V1_5": ".internvl",
     },
 )

@@ -5,10 +5,8 @@ and ``pixel_values`` with the images of each sample. The model encodes the image
 state at ``visual_select_layer``, CLS dropped), projects them to the language model's width
 and splices each image's ``P`` patch features into the text in place of its token; labels
 (and every other per-token field, e.g. ``loss_weight``) are spliced alike, ``IGNORE_INDEX``
-on image patches, so image positions are never targets. From there the loss path is
-:meth:`SupervisedFinetune.loss_from_inputs`: labels shifted once on the merged sequence,
-per-token weights, loss extras, the sequence-parallel split (after the merge) and the
-pluggable loss with global normalisation.
+on image patches, so image positions are never targets. From there the loss path is the
+one every vision-language model shares (:mod:`xtuner.model.multimodal`).
 """
 
 from __future__ import annotations
@@ -26,14 +24,13 @@ from mmengine.model import BaseModel
 from torch import Tensor, nn
 
 from xtuner.registry import BUILDER
-from xtuner.utils.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from xtuner.utils.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 from .modules.projector import ProjectorConfig, ProjectorModel
-from .sft import SupervisedFinetune, _bf16_ok
-from .utils import LoadWoInit, build_nested, find_all_linear_names, load_checkpoint_state
+from .multimodal import MultimodalFinetune
+from .sft import _bf16_ok
+from .utils import LoadWoInit, build_nested, find_all_linear_names
 
-#: batch fields that describe the unmerged text layout and are rebuilt (or dropped) by the merge.
-_LAYOUT_FIELDS = ("input_ids", "attention_mask", "position_ids", "cumulative_len", "max_seqlen")
 SAVE_FORMATS = ("xtuner", "huggingface", "official")
 #: The original LLaVA repositories' class and ``model_type`` for each language-model class
 #: (haotian-liu/LLaVA: Llama, Mistral; LLaVA-NeXT: Qwen2).
@@ -123,31 +120,7 @@ class ImageSplice:
         return positions[None].expand(self.batch_size, -1)
 
 
-def images_per_sample(pixel_values: Any, batch_size: int) -> list[Tensor]:
-    """The images of each sample, ``[n_b, C, H, W]`` each.
-
-    Accepted layouts: ``[B, C, H, W]`` (one image per sample, as XTuner 0.x collates),
-    ``[B, n, C, H, W]``, or a list of ``B`` tensors ``[C, H, W]`` / ``[n_b, C, H, W]``.
-    """
-    if pixel_values is None:
-        return [None] * batch_size
-    if isinstance(pixel_values, Tensor):
-        if pixel_values.dim() == 4 and pixel_values.shape[0] == batch_size:
-            return list(pixel_values.unsqueeze(1))
-        if pixel_values.dim() == 5 and pixel_values.shape[0] == batch_size:
-            return list(pixel_values)
-        raise ValueError(
-            f"pixel_values of shape {tuple(pixel_values.shape)} for a batch of {batch_size} "
-            "samples: expected [B, C, H, W], [B, n, C, H, W] or a list of B tensors"
-        )
-    if len(pixel_values) != batch_size:
-        raise ValueError(
-            f"pixel_values is a list of {len(pixel_values)} entries for {batch_size} samples"
-        )
-    return [p if p is None or p.dim() == 4 else p.unsqueeze(0) for p in pixel_values]
-
-
-class LLaVAModel(SupervisedFinetune):
+class LLaVAModel(MultimodalFinetune):
     """LLaVA: a vision encoder, a projector and a causal language model.
 
     Args:
@@ -291,24 +264,6 @@ class LLaVAModel(SupervisedFinetune):
             )
         return frozen
 
-    def load_pretrained(self, path: str) -> None:
-        """Loads the weights an earlier stage saved (projector, adapters, unfrozen parts)."""
-        state = load_checkpoint_state(path)
-        own = set(BaseModel.state_dict(self))
-        matched = [k for k in state if k in own]
-        if not matched:
-            raise ValueError(
-                f"pretrained_pth={path!r}: none of its {len(state)} weights belongs to this "
-                f"model (first keys: {list(state)[:3]}); is it a checkpoint of a LLaVA stage?"
-            )
-        self.load_state_dict({k: state[k] for k in matched}, strict=False)
-        unused = len(state) - len(matched)
-        print_log(
-            f"loaded {len(matched)} weights from {path}"
-            + (f" ({unused} not in this model, ignored)" if unused else ""),
-            logger="current",
-        )
-
     def gradient_checkpointing_enable(self) -> None:
         super().gradient_checkpointing_enable()
         kwargs = {"use_reentrant": False}
@@ -356,105 +311,11 @@ class LLaVAModel(SupervisedFinetune):
             )
         return self.projector(features)
 
-    def _image_features(
-        self, data: dict, splice: ImageSplice
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Features of the images that have a token, in token order; and a zero-weight anchor.
+    def image_splice(self, data: dict) -> ImageSplice:
+        return ImageSplice(data["input_ids"], data.get("attention_mask"), self.num_image_tokens)
 
-        Sample ``b`` uses its first ``k_b`` images, ``k_b`` being its number of image tokens
-        (text-only samples may carry a placeholder image, which is skipped). When no sample
-        of the batch uses an image, one image still runs through the vision side with weight
-        zero (or, with no image in the batch at all, the vision side's trainable parameters
-        join with weight zero), so every trainable parameter takes part in backward on every
-        rank (DDP, ZeRO).
-        """
-        counts = splice.images_per_row.tolist()
-        per_sample = images_per_sample(data.get("pixel_values"), splice.batch_size)
-        used = []
-        for b, (k, images) in enumerate(zip(counts, per_sample)):
-            have = 0 if images is None else images.shape[0]
-            if k > have:
-                raise ValueError(
-                    f"sample {b} of the batch has {k} image token(s) but {have} image(s): "
-                    "every '<image>' in the text needs its image in pixel_values"
-                )
-            if k:
-                used.append(images[:k])
-        if used:
-            return self.encode_images(torch.cat(used)), None
-        if not torch.is_grad_enabled():
-            return None, None
-        spare = next((images for images in per_sample if images is not None), None)
-        if spare is not None:
-            return None, self.encode_images(spare[:1]).sum() * 0
-        # No image at all (text-only samples without a placeholder image): the vision side's
-        # trainable parameters join backward directly, with a zero gradient.
-        params = [
-            p
-            for module in (self.visual_encoder, self.projector)
-            for p in module.parameters()
-            if p.requires_grad
-        ]
-        if not params:
-            return None, None
-        return None, sum(p.reshape(-1)[:1].sum() for p in params) * 0
-
-    def prepare_inputs(self, data: dict) -> tuple[dict[str, Tensor | None], dict]:
-        """Merges images into the text.
-
-        Returns:
-            ``(inputs, batch)``: the language model's inputs (``inputs_embeds``,
-            ``position_ids``, ``attention_mask``) and the batch with every per-token field
-            (``labels``, ``loss_weight``, ...) moved to the merged layout: ``input_ids`` has
-            ``IMAGE_TOKEN_INDEX`` on each image patch, labels are ``IGNORE_INDEX`` there.
-        """
-        input_ids = data["input_ids"]
-        splice = ImageSplice(input_ids, data.get("attention_mask"), self.num_image_tokens)
-        features, anchor = self._image_features(data, splice)
-        embeds = splice.embed(input_ids, self.base_llm.get_input_embeddings(), features)
-        if anchor is not None:
-            embeds = embeds + anchor.to(embeds.dtype)
-        batch = self._merge_batch(data, splice)
-        inputs = {
-            "inputs_embeds": embeds,
-            "position_ids": batch["position_ids"],
-            "attention_mask": batch["attention_mask"],
-        }
-        return inputs, batch
-
-    @staticmethod
-    def _merge_batch(data: dict, splice: ImageSplice) -> dict:
-        input_ids = data["input_ids"]
-        batch = {k: v for k, v in data.items() if k not in _LAYOUT_FIELDS}
-        for key, value in batch.items():
-            if isinstance(value, Tensor) and value.shape[:2] == input_ids.shape:
-                batch[key] = splice.place(value, IGNORE_INDEX if key == "labels" else 0)
-        batch["input_ids"] = splice.merged_ids(input_ids)
-        batch["attention_mask"] = splice.attention_mask()
-        batch["position_ids"] = splice.position_ids()
-        return batch
-
-    # forward -------------------------------------------------------------------------------
-    def _llm_forward(self, data: dict):
-        inputs, _ = self.prepare_inputs(data)
-        return self.llm(**inputs)
-
-    def compute_loss(self, data: dict) -> dict[str, Tensor]:
-        """Merge the images, then the SFT loss path on the merged sequence."""
-        if "labels" not in data:
-            raise KeyError("the batch has no 'labels': the dataset must produce them")
-        inputs, batch = self.prepare_inputs(data)
-        # Rows are padded on the right only: causal attention already keeps real tokens
-        # from seeing the padding, so no mask is needed (and none is split under sp).
-        inputs["attention_mask"] = None
-        return self.loss_from_inputs(inputs, batch)
-
-    def loss_denominators(self, data: dict) -> dict[str, Tensor]:
-        """Token-weight sums of the merged batch (no image is encoded)."""
-        splice = ImageSplice(data["input_ids"], data.get("attention_mask"), self.num_image_tokens)
-        batch = self._merge_batch(data, splice)
-        _, weights = self._targets(batch, batch["position_ids"])
-        return {key: w.sum().double() for key, w in weights.items()}
+    def vision_parameters(self) -> list[nn.Parameter]:
+        return [*self.visual_encoder.parameters(), *self.projector.parameters()]
 
     # checkpoints ---------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):

@@ -284,6 +284,10 @@ class SupervisedFinetune(BaseModel):
         base = self.base_llm
         return getattr(base, base.base_model_prefix, None) or base.get_decoder()
 
+    def _attention_model(self) -> nn.Module:
+        """The model whose attention sequence parallel wraps (the whole LLM here)."""
+        return self.base_llm
+
     def output_head(self) -> OutputHead:
         """How the chunked loss computes this model's logits (the registered head adapter)."""
         return build_output_head(self.base_llm)
@@ -347,7 +351,7 @@ class SupervisedFinetune(BaseModel):
 
             from .modules import enable_sequence_parallel_attention
 
-            enable_sequence_parallel_attention(self.base_llm)
+            enable_sequence_parallel_attention(self._attention_model())
             inputs, labels, weights, extras = split_for_sequence_parallel(
                 inputs, labels, weights, extras
             )

@@ -89,6 +89,8 @@ class Session:
     image_processor: Any = None
     history: list[dict] = field(default_factory=list)
     pixel_values: Any = None
+    #: InternVL: how an image becomes tiles and tokens (``InternVLImageTokens``).
+    image_tokens: Any = None
 
     def prompt_ids(self, text: str) -> list[int]:
         """The token ids the model sees for the next turn: the history and the new input,
@@ -130,7 +132,11 @@ class Session:
                 text = f"{DEFAULT_IMAGE_TOKEN}\n{text}"
         ids = self.prompt_ids(text)
         device = next(self.llm.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
+        model_ids = ids
+        if self.image_tokens is not None and IMAGE_TOKEN_INDEX in ids:
+            # InternVL: the image stands in the text as its tile tokens.
+            model_ids = self.image_tokens.expand(ids, ids, self.pixel_values)[0]
+        input_ids = torch.tensor([model_ids], device=device)
         if IMAGE_TOKEN_INDEX in ids:
             data = {"input_ids": input_ids, "pixel_values": self.pixel_values}
             prepared, _ = self.llava.prepare_inputs(data)
@@ -172,7 +178,14 @@ class Session:
         if not osp.isfile(path):
             raise UserError(f"--image {path}: no such file")
         device = next(self.llm.parameters()).device
-        dtype = next(self.llava.visual_encoder.parameters()).dtype
+        dtype = self.llava.vision_parameters()[0].dtype
+        if self.image_tokens is not None:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                tiles = self.image_tokens.tiler(image.convert("RGB"))
+            self.pixel_values = [tiles.to(device, dtype)]  # one sample: its image's tiles
+            return
         self.pixel_values = load_image(path, self.image_processor)[None].to(device, dtype)
 
     def reset(self) -> None:
@@ -200,10 +213,14 @@ def evaluation_parser(prog: str, doc: str, data_help: str, **defaults) -> argpar
     return parser
 
 
-def check_evaluation_args(args: argparse.Namespace) -> None:
-    """A benchmark needs a LLaVA model and an existing data file."""
-    if not args.llava:
-        raise UserError("--llava (a LLaVA folder) and --visual-encoder are required")
+def check_evaluation_args(args: argparse.Namespace, allow_internvl: bool = False) -> None:
+    """A benchmark needs a LLaVA model (or, where ``allow_internvl``, an InternVL checkpoint
+    as MODEL) and an existing data file."""
+    if not args.llava and not (allow_internvl and is_internvl(args.model)):
+        raise UserError(
+            "--llava (a LLaVA folder) and --visual-encoder are required"
+            + (", unless MODEL is an InternVL checkpoint" if allow_internvl else "")
+        )
     if not osp.isfile(args.data_path):
         raise UserError(f"--data-path {args.data_path}: no such file")
 
@@ -217,8 +234,11 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.no_history:
         raise UserError("--no-history is not supported; start each prompt with RESET instead")
-    if args.image and not args.llava:
-        raise UserError("--image needs --llava (a LLaVA folder) and --visual-encoder")
+    if args.image and not args.llava and not is_internvl(args.model):
+        raise UserError(
+            "--image needs --llava (a LLaVA folder) and --visual-encoder, or an InternVL "
+            "checkpoint as MODEL"
+        )
     if args.llava and not args.visual_encoder:
         raise UserError("--llava needs --visual-encoder (the vision encoder's HF folder)")
     for flag, path in (
@@ -378,6 +398,47 @@ def load_llava(args: argparse.Namespace, llm):
     return model.eval(), processor
 
 
+def is_internvl(path: str) -> bool:
+    """Whether ``path`` is an InternVL checkpoint in transformers' layout (image and text in
+    one model: no ``--llava`` needed)."""
+    import json
+
+    config = osp.join(str(path), "config.json")
+    if not osp.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as f:
+        return json.load(f).get("model_type") == "internvl"
+
+
+def load_internvl(args: argparse.Namespace):
+    """The tokenizer, the ``InternVL_V1_5`` wrapper (its ``llm`` generates) and its image
+    tokens, for an InternVL checkpoint given as the model."""
+    from transformers import AutoTokenizer
+
+    from xtuner.dataset.internvl_dataset import InternVLImageTokens
+    from xtuner.model import InternVL_V1_5
+
+    if args.llava or args.adapter or args.bits:
+        raise UserError(
+            f"{args.model} is an InternVL checkpoint (vision and language in one model): "
+            "--llava, --adapter and --bits do not apply; export the trained model with "
+            "'xtuner convert pth_to_hf' and give that folder as the model"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = InternVL_V1_5(
+        args.model,
+        freeze_llm=True,
+        freeze_visual_encoder=True,
+        dtype=_dtype(args.torch_dtype),
+        use_activation_checkpointing=False,
+    )
+    model.llm.config.use_cache = True  # the training wrapper switched it off
+    if _has_cuda():
+        model.cuda()
+    print(f"{PROG}: loaded InternVL {args.model}", file=sys.stderr)
+    return tokenizer, model.eval(), InternVLImageTokens(args.model, tokenizer)
+
+
 def build_session(args: argparse.Namespace) -> Session:
     from transformers import set_seed
 
@@ -385,8 +446,12 @@ def build_session(args: argparse.Namespace) -> Session:
 
     template, system = _template(args)
     set_seed(args.seed)
-    tokenizer, llm = load_llm(args)
-    llava, processor = (None, None)
+    llava, processor, image_tokens = (None, None, None)
+    if is_internvl(args.model):
+        tokenizer, llava, image_tokens = load_internvl(args)
+        llm = llava.llm
+    else:
+        tokenizer, llm = load_llm(args)
     if args.llava:
         llava, processor = load_llava(args, llm)
         llava.to(next(llm.parameters()).device)
@@ -401,6 +466,7 @@ def build_session(args: argparse.Namespace) -> Session:
     eos = [config.eos_token_id] if config.eos_token_id is not None else []
     config.eos_token_id = eos + [vocab[w] for w in stop_words if w in vocab]
     session = Session(llm, tokenizer, template, system, stop_words, config, llava, processor)
+    session.image_tokens = image_tokens
     if args.image:
         session.set_image(args.image)
     return session

@@ -2,7 +2,8 @@
 
 Answers every question of an MMBench-format TSV (``index``, ``question``, ``hint``, ``A``-``D``,
 ``image`` as base64, optionally ``answer``, ``category``, ``l2-category``, ``split``) with a
-LLaVA model, greedily, one new conversation per question, and writes
+LLaVA model (or an InternVL checkpoint given as MODEL), greedily, one new conversation per
+question, and writes
 ``<work-dir>/mmbench_result.tsv`` (the question columns and ``prediction``, the layout the
 MMBench evaluation expects; also ``.xlsx`` when openpyxl is installed) and, when the TSV has
 answers, ``mmbench_result.json`` with the accuracy overall and per category. The model options
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import pandas as pd
 
-        chat.check_evaluation_args(args)
+        chat.check_evaluation_args(args, allow_internvl=True)
         table = pd.read_csv(args.data_path, sep="\t")
         missing = [c for c in ("index", "question", "A", "B", "image") if c not in table]
         if missing:
