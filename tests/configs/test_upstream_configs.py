@@ -32,13 +32,6 @@ MANIFEST = osp.join(osp.dirname(osp.abspath(__file__)), "xtuner_0_2_0_configs.js
 #: docs/en/compatibility.md).
 OPTIONAL_HUBS = {"modelscope", "openmind", "openmind_hub"}
 
-#: names that land from the other branch of issue 15 (InternVL). The lead empties this set
-#: when merging it; it must not outlive the merge.
-PENDING = {
-    "xtuner.model:InternVL_V1_5",
-    "xtuner.dataset:InternVL_V1_5_Dataset",
-}
-
 
 def manifest() -> dict:
     with open(MANIFEST, encoding="utf-8") as f:
@@ -48,11 +41,6 @@ def manifest() -> dict:
 def hub_missing(module: str) -> bool:
     top = module.split(":")[0].split(".")[0]
     return top in OPTIONAL_HUBS and importlib.util.find_spec(top) is None
-
-
-def pending(entry: str) -> bool:
-    module = entry.split(":")[0]
-    return entry in PENDING or f"{module}:*" in PENDING
 
 
 @cache
@@ -117,13 +105,11 @@ def shape_failures(shape_id: str, shape: dict, folder: str) -> list[str]:
 
 
 def allowed(shape: dict) -> set[str]:
-    """Why a shape may fail here: an optional hub not installed, or a pending name."""
+    """Why a shape may fail here: an optional hub that is not installed."""
     why = set()
     for entry in shape["imports"]:
         if hub_missing(entry):
             why.add(f"optional hub {entry.split('.')[0].split(':')[0]} is not installed")
-        elif pending(entry):
-            why.add(f"{entry} is pending (another branch of issue 15)")
     return why
 
 
@@ -153,8 +139,8 @@ def test_every_upstream_config_resolves_and_parses(tmp_path):
         if failures and not excuses:
             unexpected[path] = failures
         elif failures:
-            # Only the excused names may fail: a pending config must not hide another break.
-            other = [f for f in failures if not (hub_missing(f) or pending(f.split(": ")[0]))]
+            # Only the missing hub may fail: it must not hide another break.
+            other = [f for f in failures if not hub_missing(f)]
             if other:
                 unexpected[path] = other
         elif any("optional hub" in e for e in excuses):
@@ -163,7 +149,7 @@ def test_every_upstream_config_resolves_and_parses(tmp_path):
     assert not passed_but_allowed, f"these import a missing hub but passed: {passed_but_allowed}"
 
 
-def test_exactly_the_hub_and_pending_configs_are_excused():
+def test_exactly_the_hub_configs_are_excused():
     data = manifest()
     excused = {
         path: allowed(data["shapes"][sid])
@@ -177,16 +163,7 @@ def test_exactly_the_hub_and_pending_configs_are_excused():
     if hub_missing("openmind"):
         expected_hubs += 1  # qwen1_5_4b_qlora_alpaca_e3_openmind (OmDataset, openmind_hub)
     assert len(hubs) == expected_hubs, sorted(hubs)
-    # InternVL: 21 configs name a pending class.
-    assert len(excused) - len(hubs) == (21 if PENDING else 0)
-
-
-@pytest.mark.parametrize("entry", sorted(PENDING))
-def test_a_pending_name_is_still_missing(entry):
-    """Once a pending name lands, it must leave PENDING (so its configs are checked)."""
-    assert resolve(entry.removesuffix(":*")) is not None, (
-        f"{entry} resolves: remove it from PENDING"
-    )
+    assert len(excused) == len(hubs), sorted(set(excused) - hubs)
 
 
 @pytest.mark.parametrize(
