@@ -1,6 +1,6 @@
-"""`xtuner train` on the MOSS and intern-repo data families: upstream-style configs (the
-template's PART 3 swapped for the one of upstream's ``*_moss_sft_*`` and
-``internlm2_7b_w_tokenized_dataset`` configs), the loss falls."""
+"""`xtuner train` on the MOSS, intern-repo and RefCOCO data families: upstream-style configs
+(the template's PART 3 swapped for the one of upstream's ``*_moss_sft_*``,
+``internlm2_7b_w_tokenized_dataset`` and ``*_finetune_refcoco`` configs), the loss falls."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import json
 
 import pytest
 
+from tests.tools.test_config_matrix import (
+    matrix_assets,  # noqa: F401  (a fixture)
+    write_matrix_config,
+)
 from tests.tools.test_train_cli import CONSTANT_LR, losses_of, run_xtuner, write_config
 from xtuner.entry_point import cli
 
@@ -140,4 +144,66 @@ def test_intern_repo_config_trains_and_loss_falls(tmp_path, demo_assets):
     losses = _train(
         tmp_path, demo_assets, INTERN_REPO_PART_3.format(folder=folder), use_varlen_attn=True
     )
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+REFCOCO_PART_3 = """
+from xtuner.dataset import ConcatDataset
+from xtuner.dataset.refcoco_json import InvRefCOCOJsonDataset, RefCOCOJsonDataset
+
+refcoco_path = '{refcoco}'
+dataset_args = dict(
+    data_path=refcoco_path,
+    image_folder=image_folder,
+    tokenizer=tokenizer,
+    image_processor=image_processor,
+    dataset_map_fn=llava_map_fn,
+    template_map_fn=dict(
+        type=template_map_fn_factory, template=prompt_template),
+    max_length=max_length,
+    pad_image_to_square=True)
+train_dataset = dict(
+    type=ConcatDataset,
+    datasets=[
+        dict(type=RefCOCOJsonDataset, **dataset_args),
+        dict(type=InvRefCOCOJsonDataset, **dataset_args),
+    ])
+train_dataloader['dataset'] = train_dataset
+"""
+
+
+@pytest.mark.slow_all
+def test_refcoco_config_trains_and_loss_falls(tmp_path, matrix_assets):  # noqa: F811
+    """Upstream's RefCOCO finetune: grounding and inverse grounding data, LLaVA."""
+    from xtuner.demo.llava import COLORS, SHAPES
+
+    records = []
+    for color in COLORS:
+        for shape in SHAPES:
+            # draw_shape's box on its 48 x 40 image: a sixth of each side in from the edges
+            records.append(
+                {
+                    "id": f"refcoco-{color}-{shape}",
+                    "image": f"{color}_{shape}.png",
+                    "sents": f"the {color} {shape}",
+                    "bbox": [8.0, 6.0, 32.0, 28.0],
+                    "height": 40,
+                    "width": 48,
+                }
+            )
+    refcoco = tmp_path / "refcoco.json"
+    refcoco.write_text(json.dumps(records))
+    cfg = write_matrix_config(tmp_path, matrix_assets, "full", "llava", "default")
+    with open(cfg, encoding="utf-8") as f:
+        text = f.read().replace("max_iters = 2\n", "max_iters = 30\n")
+    # the LLaVA data file is gone: the run trains on the RefCOCO data sets or fails
+    text = text.replace("data_root + '/finetune.jsonl'", "data_root + '/no_such_file.jsonl'")
+    text = text.replace("lr = 2e-4\n", "lr = 2e-3\n") + "\nparam_scheduler = []\n"
+    with open(cfg, "w", encoding="utf-8") as f:
+        f.write(text + REFCOCO_PART_3.format(refcoco=refcoco))
+    work_dir = str(tmp_path / "work")
+    out = run_xtuner("train", cfg, "--work-dir", work_dir, "--seed", "0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = losses_of(work_dir)
+    assert len(losses) == 30
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
