@@ -342,12 +342,15 @@ class SupervisedFinetune(BaseModel):
         """
         labels, weights = self._targets(data, inputs["position_ids"])
         extras = self.loss.extra_inputs(data, labels)
+        router_mask = inputs.get("attention_mask")
         if get_sequence_parallel_world_size() > 1:
-            from xtuner.parallel.sequence import split_for_sequence_parallel
+            from xtuner.parallel.sequence import shard_padding_mask, split_for_sequence_parallel
 
             from .modules import enable_sequence_parallel_attention
 
             enable_sequence_parallel_attention(self.base_llm)
+            # The router statistics count this shard's real tokens (not the sp padding).
+            router_mask = shard_padding_mask(router_mask, *labels.shape[:2], labels.device)
             inputs, labels, weights, extras = split_for_sequence_parallel(
                 inputs, labels, weights, extras
             )
@@ -358,7 +361,7 @@ class SupervisedFinetune(BaseModel):
         else:
             out = self.backbone()(**inputs, use_cache=False)
             hidden, head = out.last_hidden_state, self.output_head()
-        router = router_outputs(self.base_llm, out, inputs.get("attention_mask"))
+        router = router_outputs(self.base_llm, out, router_mask)
         if head is not None:
             # ZeRO-3 gathers a parameter around the forward (and backward) of the module it
             # is registered with; the loss reads the head's weight outside the head's
