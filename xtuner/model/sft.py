@@ -42,6 +42,7 @@ from .losses.router import (
     router_outputs,
     wants_router_logits,
 )
+from .modules.packed_attention import packed_flash_kwargs
 from .utils import LoadWoInit, build_nested, find_all_linear_names, prepare_llm_config
 
 #: tokens the build-time head probe runs through the model (cheap; no gradient).
@@ -354,6 +355,9 @@ class SupervisedFinetune(BaseModel):
             inputs, labels, weights, extras = split_for_sequence_parallel(
                 inputs, labels, weights, extras
             )
+        elif self.use_varlen_attn:
+            kernel = self.base_llm.config._attn_implementation
+            inputs = {**inputs, **packed_flash_kwargs(kernel, inputs["position_ids"])}
         if self.head_mode == "model":
             # The model's own logits, all at once: exact for any head, not memory-saving.
             out = self.base_llm(**inputs, use_cache=False)
