@@ -196,6 +196,35 @@ def test_baichuan_norm_head_has_a_builtin_adapter():
     assert_equals_hf(model, batch())
 
 
+def width_scaled_model(model_type: str) -> nn.Module:
+    """A causal LM defined here whose head sees ``h * dim_model_base / hidden_size`` (MiniCPM's
+    width scaling, remote code there), with the given config ``model_type``."""
+
+    class WidthScaledHead(nn.Linear):
+        def forward(self, x):
+            return F.linear(x / (COMMON["hidden_size"] / 8), self.weight)
+
+    config_cls = type("WidthConfig", (LlamaConfig,), {"model_type": model_type})
+
+    class WidthScaledLM(LlamaForCausalLM):
+        config_class = config_cls
+
+        def __init__(self, config):
+            super().__init__(config)
+            torch.manual_seed(1)
+            self.lm_head = WidthScaledHead(config.hidden_size, config.vocab_size, bias=False)
+
+    return WidthScaledLM(config_cls(**COMMON, dim_model_base=8))
+
+
+def test_minicpm_width_scaling_has_a_builtin_adapter():
+    model = SupervisedFinetune(width_scaled_model("minicpm"), use_activation_checkpointing=False)
+    assert model.output_head().adapter == "minicpm"
+    assert_equals_hf(model, batch())
+    with pytest.raises(HeadMismatchError, match="WidthScaledLM"):
+        SupervisedFinetune(width_scaled_model("not_minicpm"), use_activation_checkpointing=False)
+
+
 def test_head_model_option_equals_hf_for_a_soft_capped_family():
     model = SupervisedFinetune(
         family_llm("gemma2"),
