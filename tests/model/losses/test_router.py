@@ -37,6 +37,13 @@ def test_z_loss_is_the_mean_over_layers_and_unpadded_tokens():
     torch.testing.assert_close(RouterZLoss(coef=0.01).router_value(r), 0.01 * z.square().mean())
 
 
+def test_bf16_router_logits_pass_the_check():
+    r = router(MASKS["padded"])
+    r.logits = tuple(x.bfloat16() for x in r.logits)
+    expected = 0.1 * load_balancing_loss_func(r.logits, 5, 2, r.attention_mask)
+    torch.testing.assert_close(RouterAuxLoss().router_value(r), expected, rtol=2e-2, atol=0)
+
+
 def test_a_family_that_balances_another_way_is_refused():
     r = router(None, balance_fn=lambda *args: torch.tensor(0.5))
     with pytest.raises(LossInputError, match="load_balancing_loss_func gives 0.5"):

@@ -202,7 +202,10 @@ class RouterAuxLoss(_RouterLoss):
                 router.logits, router.num_experts, router.top_k, router.attention_mask
             )
         theirs = torch.as_tensor(theirs, dtype=torch.float32, device=local.device)
-        if not torch.allclose(local, theirs, rtol=1e-4, atol=1e-6):
+        # The family's softmax runs in the logits' dtype (ours in float32): 16-bit rounding,
+        # and a top-k choice between near-equal probabilities, move its value a little.
+        rtol = 1e-4 if router.logits[0].dtype == torch.float32 else 2e-2
+        if not torch.allclose(local, theirs, rtol=rtol, atol=1e-6):
             raise LossInputError(
                 f"RouterAuxLoss: the model's load_balancing_loss_func gives {float(theirs)} "
                 f"where the Switch-Transformer statistics give {float(local)}: this family "
