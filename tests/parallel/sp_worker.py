@@ -70,6 +70,27 @@ FAMILIES = {
         "Qwen3MoeConfig",
         dict(num_experts=4, moe_intermediate_size=32, head_dim=16, **MOE_OPTIONS),
     ),
+    # the fork's DeepSeek-V2 (its own balance loss: per layer, group-limited routing); both
+    # layers are MoE layers, so a per-layer sum and a pooled value differ.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            MOE_OPTIONS,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=0,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+        ),
+    ),
 }
 
 
@@ -86,7 +107,12 @@ def build_hf(kind: str = "llama", attn: str = "sdpa"):
         if kind == "qwen2_sliding":  # the second layer attends to a window of 3 tokens
             options = dict(options, use_sliding_window=True, sliding_window=3, max_window_layers=1)
         config = getattr(transformers, config_cls)(**SMALL, **options)
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        if kind == "deepseek_v2":
+            from xtuner.model.transformers_models.deepseek_v2 import DeepseekV2ForCausalLM
+
+            model = DeepseekV2ForCausalLM(config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config)
     model.set_attn_implementation(attn)
     return model.float()
 
@@ -297,11 +323,12 @@ def sp_scenarios() -> list[tuple[str, str, str, object, str, bool]]:
     cases.append(("mixtral-ce-padded", "mixtral", "sdpa", None, "padded", False))
     cases.append(("qwen2_moe-ce-packed", "qwen2_moe", "sdpa", None, "packed", False))
     cases.append(("qwen3_moe-router_z-padded", "qwen3_moe", "sdpa", router, "padded", False))
+    cases.append(("deepseek_v2-ce-padded", "deepseek_v2", "sdpa", None, "padded", False))
     return cases
 
 
 #: scenarios whose reference is also the HF model's own loss (not only ours at sp=1).
-HF_REFERENCE = ("mixtral-ce-padded",)
+HF_REFERENCE = ("mixtral-ce-padded", "deepseek_v2-ce-padded")
 
 
 def run_sp(results: dict) -> None:

@@ -286,7 +286,8 @@ def test_sp2_equals_the_hf_model_loss(sp_results, name):
 def test_required_losses_were_covered(sp_results):
     losses = {name.split("-")[1] for name in sp_results if name.count("-") == 2}
     assert {"ce", "ce_sample_smooth", "focal", "ce_plus_z", "router_z"} <= losses
-    assert {"mixtral", "qwen2_moe", "qwen3_moe"} <= {name.split("-")[0] for name in sp_results}
+    moe = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"}
+    assert moe <= {name.split("-")[0] for name in sp_results}
 
 
 @pytest.mark.multiproc

@@ -61,6 +61,29 @@ class RouterOutputs:
     top_k: int
     aux_coef: float
     balance_fn: Callable[..., Tensor]
+    scheme: BalanceScheme | None = None
+
+
+@dataclass
+class BalanceScheme:
+    """How a family turns the routing statistics into its balance loss.
+
+    The default is the Switch Transformer's (Mixtral, Qwen2-MoE, Qwen3-MoE): the statistics
+    pooled over every MoE layer, experts chosen by a plain top-k of the probabilities. A
+    family that balances another way returns its scheme from a ``router_balance_scheme()``
+    method of its model (DeepSeek-V2: per layer, group-limited choice, shares of the top-k).
+
+    Attributes:
+        per_layer: the sum over layers of each layer's ``E * sum_e f_e * P_e`` instead of one
+            value of the statistics pooled over the layers.
+        choose: ``probs [T, E] -> [T, top_k]`` expert indices; None: ``topk(probs)``.
+        divide_by_top_k: ``f_e`` is the share of the ``T * top_k`` choices (DeepSeek-V2)
+            instead of the fraction of the ``T`` tokens (Switch).
+    """
+
+    per_layer: bool = False
+    choose: Callable[[Tensor], Tensor] | None = None
+    divide_by_top_k: bool = False
 
 
 def balance_function(model: nn.Module) -> Callable[..., Tensor] | None:
@@ -109,6 +132,7 @@ def router_outputs(
         top_k=int(model.num_experts_per_tok),
         aux_coef=float(getattr(model.config, "router_aux_loss_coef", 0.0)),
         balance_fn=balance_function(model),
+        scheme=model.router_balance_scheme() if hasattr(model, "router_balance_scheme") else None,
     )
 
 
@@ -152,26 +176,33 @@ def _token_mask(router: RouterOutputs) -> Tensor:
 
 
 def balance_sums(router: RouterOutputs) -> Tensor:
-    """This shard's sums of the load-balancing statistics, one vector ``[2E + 1]``:
-    router probabilities per expert, top-k assignments per expert, and the number of
-    (layer, token) rows, over every MoE layer and every unpadded token."""
+    """This shard's sums of the load-balancing statistics, ``[layers, 2E + 1]``: per MoE
+    layer, the router probabilities per expert, the expert choices per expert and the number
+    of unpadded tokens."""
     mask = _token_mask(router)
-    probs = mask.new_zeros(router.num_experts)
-    counts = mask.new_zeros(router.num_experts)
+    scheme = router.scheme or BalanceScheme()
+    rows = []
     for layer in router.logits:
         p = torch.softmax(layer.float(), dim=-1)
-        chosen = torch.topk(p, router.top_k, dim=-1).indices
-        probs = probs + (p * mask[:, None]).sum(0)
-        counts = counts.scatter_add(0, chosen.reshape(-1), mask.repeat_interleave(router.top_k))
-    rows = mask.sum() * len(router.logits)
-    return torch.cat([probs, counts.detach(), rows.detach()[None]])
+        chosen = (scheme.choose or (lambda q: torch.topk(q, router.top_k, dim=-1).indices))(p)
+        counts = mask.new_zeros(router.num_experts).scatter_add(
+            0, chosen.reshape(-1), mask.repeat_interleave(router.top_k)
+        )
+        rows.append(torch.cat([(p * mask[:, None]).sum(0), counts.detach(), mask.sum()[None]]))
+    return torch.stack(rows)
 
 
-def balance_loss(sums: Tensor, num_experts: int) -> Tensor:
-    """``E * sum_e f_e * P_e`` from :func:`balance_sums` (Switch Transformer eq. 4)."""
-    rows = sums[-1].clamp_min(1)
-    probs, counts = sums[:num_experts] / rows, sums[num_experts:-1] / rows
-    return num_experts * (counts * probs).sum()
+def balance_loss(sums: Tensor, router: RouterOutputs) -> Tensor:
+    """``E * sum_e f_e * P_e`` from :func:`balance_sums` (Switch Transformer eq. 4), pooled
+    over the layers or summed per layer as the family's :class:`BalanceScheme` says."""
+    scheme, e = router.scheme or BalanceScheme(), router.num_experts
+    if not scheme.per_layer:
+        sums = sums.sum(0, keepdim=True)
+    tokens = sums[:, -1:].clamp_min(1)
+    probs, counts = sums[:, :e] / tokens, sums[:, e:-1] / tokens
+    if scheme.divide_by_top_k:
+        counts = counts / router.top_k
+    return e * (counts * probs).sum()
 
 
 @LOSSES.register_module()
@@ -195,9 +226,9 @@ class RouterAuxLoss(_RouterLoss):
         coef = router.aux_coef if self.coef is None else float(self.coef)
         sums = balance_sums(router)
         if not self._checked:
-            self._check_family(router, balance_loss(sums.detach(), router.num_experts))
+            self._check_family(router, balance_loss(sums.detach(), router))
         sums = sp_all_reduce_sum_with_grad(sums)
-        return coef * balance_loss(sums, router.num_experts)
+        return coef * balance_loss(sums, router)
 
     def _check_family(self, router: RouterOutputs, local: Tensor) -> None:
         """Once: the statistics above give what the family's own function gives on this
@@ -213,10 +244,11 @@ class RouterAuxLoss(_RouterLoss):
         if not torch.allclose(local, theirs, rtol=rtol, atol=1e-6):
             raise LossInputError(
                 f"RouterAuxLoss: the model's load_balancing_loss_func gives {float(theirs)} "
-                f"where the Switch-Transformer statistics give {float(local)}: this family "
-                "balances its experts another way. Set output_router_logits=False in the llm "
-                "config and leave router losses out of the loss config, or write a loss "
-                "(BaseLoss) for its balancing term"
+                f"where the routing statistics give {float(local)}: this family balances its "
+                "experts another way. Set output_router_logits=False in the llm config and "
+                "leave router losses out of the loss config, write a loss (BaseLoss) for its "
+                "balancing term, or give the model a router_balance_scheme() method "
+                "(xtuner.model.losses.router.BalanceScheme)"
             )
         self._checked = True
 
