@@ -327,3 +327,25 @@ def test_xtuner_train_pretrain_then_finetune_with_focal_loss_and_export(internvl
             ).logits
             mask = sample["attention_mask"]
             torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5, msg=folder)
+
+
+def test_qlora_4bit_on_cpu_builds_and_trains_its_adapters(internvl_path):
+    """``quantization_llm=True`` + ``llm_lora`` on CPU (bitsandbytes' CPU 4-bit kernels): the
+    language model's Linear layers are 4-bit, a step gives a finite loss and a gradient on
+    every adapter and the projector, and no 4-bit weight is trainable."""
+    import bitsandbytes as bnb
+
+    model = build(internvl_path, quantization_llm=True, llm_lora=LORA, freeze_visual_encoder=True)
+    base = model.base_llm
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.model.language_model.modules())
+    for unquantized in (base.model.vision_tower, base.model.multi_modal_projector, base.lm_head):
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in unquantized.modules())
+    model.train()
+    out = model(batch(internvl_path), mode="loss")
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    got = grads(model)
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(n in got and got[n].abs().sum() > 0 for n in lora)
+    assert any("multi_modal_projector" in n for n in got)
+    assert all("lora_" in n or "multi_modal_projector" in n for n in got), sorted(got)
