@@ -198,6 +198,11 @@ def _lora_config(lora: Any, model: nn.Module, prefix: str) -> Any:
 
     if isinstance(lora, (dict, ConfigDict)):
         lora = BUILDER.build(lora)
+    if not hasattr(model, "prepare_inputs_for_generation"):
+        # A remote model without generation (InternVLChatModel on transformers 5) cannot be
+        # wrapped as PEFT's CAUSAL_LM task (which reads it); the plain PeftModel is the same
+        # for training.
+        lora.task_type = None
     names = lora.target_modules
     if isinstance(names, str):
         return lora
