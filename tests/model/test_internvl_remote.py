@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.model.test_internvl import LORA, build, grads, write_config
+from tests.model.test_internvl import LORA, build, check_sequence_parallel, grads, write_config
 from tests.tools.test_train_cli import losses_of, run_xtuner
 from xtuner.utils.constants import IGNORE_INDEX
 
@@ -52,6 +52,7 @@ class InternVLChatModel(PreTrainedModel):
     main_input_name = "pixel_values"
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
+    _supports_sdpa = True
     _no_split_modules = []
 
     def __init__(self, config):
@@ -261,3 +262,10 @@ def test_xtuner_train_on_a_remote_code_checkpoint(remote_path, tmp_path):
     losses = losses_of(str(tmp_path / "work"))
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses))), losses
     assert losses[-1] < 0.98 * losses[0], losses
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow_all  # ~30 s; the -hf sequence-parallel test covers the shared path in CI
+def test_remote_code_sequence_parallel_2_equals_1(remote_path, tmp_path):
+    """Loss and every gradient of the remote-code model with sp=2 equal sp=1."""
+    check_sequence_parallel(remote_path, tmp_path, ".vision_model.", "remote")
