@@ -9,6 +9,10 @@ image-context tokens of the text in place: the data set writes each image as
 (:class:`xtuner.dataset.InternVL_V1_5_Dataset`). The merge and the loss path are the ones
 every vision-language model shares (:mod:`xtuner.model.multimodal`): pluggable loss, global
 normalisation and sequence parallel exactly as for LLaVA.
+
+A remote-code checkpoint (OpenGVLab's original folders: ``InternVLChatModel`` with its
+``vision_model``, ``mlp1`` and ``language_model``) is used instead when its code is in the
+folder and ``trust_remote_code=True`` (:data:`PARTS` names the parts of each layout).
 """
 
 from __future__ import annotations
@@ -217,7 +221,8 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
     """InternVL: vision tower, pixel shuffle + projector, and a causal language model.
 
     Args:
-        model_path: local folder of the checkpoint (transformers' InternVL layout).
+        model_path: local folder of the checkpoint (transformers' InternVL layout, or a
+            remote-code one with ``trust_remote_code``).
         freeze_llm: keep the language model's own weights (and head) fixed.
         freeze_visual_encoder: keep the vision tower's own weights fixed.
         llm_lora: a ``LoraConfig`` (or config dict) for the language model.
