@@ -212,7 +212,8 @@ def test_remote_code_default_loss_and_gradients_equal_the_models_own(remote_path
 
 
 def test_remote_code_lora_4bit_and_what_is_refused(remote_path, tmp_path):
-    """LoRA on the LLM of a 4-bit remote model trains its adapters; export is refused."""
+    """LoRA on both sides of a remote model with a 4-bit LLM trains the adapters (and the
+    projector) only; export is refused."""
     import bitsandbytes as bnb
 
     model = build(
@@ -220,7 +221,7 @@ def test_remote_code_lora_4bit_and_what_is_refused(remote_path, tmp_path):
         trust_remote_code=True,
         quantization_llm=True,
         llm_lora=LORA,
-        freeze_visual_encoder=True,
+        visual_encoder_lora=LORA,
     )
     base = model.base_llm
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.language_model.model.modules())
@@ -232,7 +233,8 @@ def test_remote_code_lora_4bit_and_what_is_refused(remote_path, tmp_path):
     out["loss"].backward()
     got = grads(model)
     lora = [n for n, p in model.named_parameters() if "lora_" in n]
-    assert lora and all(".language_model." in n for n in lora)
+    sides = {n.split(".")[3] for n in lora}  # llm.base_model.model.<part>....
+    assert sides == {"language_model", "vision_model"}, sides
     assert all(n in got and got[n].abs().sum() > 0 for n in lora)
     assert all("lora_" in n or ".mlp1." in n for n in got), sorted(got)
     with pytest.raises(NotImplementedError, match="exporting a remote-code InternVL"):
