@@ -8,8 +8,11 @@ GPU runs, with whatever wheels are installed:
    adapters move, the 4-bit base does not;
 3. ``zero2``/``zero3``: the demo config with ``--deepspeed deepspeed_zero2/3`` on one GPU
    (bf16), its HF export loads;
-4. ``flash-attn``: packed documents (position ids restarting at 0) give the logits of each
-   document run alone, with flash-attention 2;
+4. ``flash-attn``: two packed rows (position ids restarting at 0, ``use_varlen_attn=True``)
+   on flash-attention 2 equal each document run alone: per-document loss, then the loss and
+   every gradient of SupervisedFinetune; ``autocast-bf16``: under ``torch.autocast`` (bf16)
+   with float32 master weights, the head's GEMMs run in bf16 (recorded with a dispatch mode)
+   and the loss stays within 2e-2 of the float32 loss;
 5. ``liger``/``cce``: ``CrossEntropyLoss(backend='liger'|'cce')`` against the chunked loss on
    the same model and batch: loss value and every gradient;
 6. ``bench-loss``: the benchmark's GPU point (8192 tokens x 151936 vocabulary x 2048 hidden,
@@ -148,24 +151,112 @@ def check_qlora(tmp: str) -> str:
     return f"4-bit base, {moved} adapter tensors trained, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-def check_flash_attn(tmp: str) -> str:
-    _need("flash_attn", "flash-attn")
+def packed_equals_separate(path: str, device: str, attn: str, dtype_name: str) -> float:
+    """Two packed rows (five documents, ``use_varlen_attn=True``) against each document run
+    alone: the per-document loss from the model's own logits, then SupervisedFinetune's
+    loss and every gradient. Returns the largest relative difference (to each tensor's
+    largest entry). ``attn='sdpa'`` on the CPU is what the tests run; the GPU check runs
+    flash-attention 2, whose packed path needs the document boundaries of every row."""
     import torch
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        _tiny_model_path(tmp), attn_implementation="flash_attention_2", dtype=torch.bfloat16
-    ).cuda()
-    torch.manual_seed(0)
-    docs = [torch.randint(10, 500, (n,), device="cuda") for n in (37, 64, 27)]
-    position_ids = torch.cat([torch.arange(len(d), device="cuda") for d in docs])[None]
+    from xtuner.model import SupervisedFinetune
+
+    dtype = getattr(torch, dtype_name)
+    llm = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+    model = SupervisedFinetune(
+        llm.to(device), use_activation_checkpointing=False, use_varlen_attn=True
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = [[torch.randint(10, 500, (n,), generator=g).to(device) for n in lengths]
+            for lengths in ((37, 64, 27), (50, 78))]  # fmt: skip
+    ids = torch.stack([torch.cat(row) for row in rows])
+    positions = torch.stack(
+        [torch.cat([torch.arange(len(d), device=device) for d in row]) for row in rows]
+    )
+    worst = 0.0
+
+    def compare(got, want) -> None:
+        nonlocal worst
+        worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+
     with torch.no_grad():
-        packed = model(torch.cat(docs)[None], position_ids=position_ids).logits[0]
-        alone = torch.cat([model(d[None]).logits[0] for d in docs])
-    err = float((packed - alone).abs().max() / alone.abs().max())
-    if err > 2e-2:
+        logits = model.llm(input_ids=ids, position_ids=positions).logits.float()
+        for r, row in enumerate(rows):
+            start = 0
+            for doc in row:
+                alone = model.llm(input_ids=doc[None]).logits[0, :-1].float()
+                got = logits[r, start : start + len(doc) - 1]
+                compare(F.cross_entropy(got, doc[1:]), F.cross_entropy(alone, doc[1:]))
+                start += len(doc)
+    loss = model({"input_ids": ids, "labels": ids.clone(), "position_ids": positions})["loss"]
+    loss.backward()
+    packed = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # The token mean over every document, each document run alone.
+    docs = [doc for row in rows for doc in row]
+    count = sum(len(d) - 1 for d in docs)
+    ref = sum(model({"input_ids": d[None], "labels": d[None]})["loss"] * (len(d) - 1) for d in docs)
+    (ref / count).backward()
+    compare(loss.detach().float(), (ref / count).detach().float())
+    for name, p in model.named_parameters():
+        compare(packed[name], p.grad.float())
+    return worst
+
+
+def check_flash_attn(tmp: str) -> str:
+    _need("flash_attn", "flash-attn")
+    err = packed_equals_separate(_tiny_model_path(tmp), "cuda", "flash_attention_2", "bfloat16")
+    if err > 3e-2:
         raise RuntimeError(f"packed and separate documents differ: relative error {err:.2e}")
-    return f"3 documents packed = separate (max relative error {err:.1e}, bf16)"
+    return (
+        f"batch 2, 5 documents packed = separate: loss and every gradient within {err:.1e} (bf16)"
+    )
+
+
+def autocast_head_gemms(path: str, device: str) -> tuple[set, float]:
+    """SupervisedFinetune with float32 master weights under ``torch.autocast(bf16)``: the
+    dtypes of the matrix products that involve the vocabulary (the head's GEMMs, recorded
+    with a dispatch mode) and the loss's relative difference from the float32 loss."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from xtuner.model import SupervisedFinetune
+
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = SupervisedFinetune(llm, use_activation_checkpointing=False)
+    vocab = llm.get_output_embeddings().weight.shape[0]
+    gemms = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+             torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default}  # fmt: skip
+    seen: set = set()
+
+    class RecordHeadGemms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if func in gemms and any(vocab in t.shape for t in tensors):
+                seen.update(t.dtype for t in tensors)
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(10, 500, (2, 96), generator=torch.Generator().manual_seed(0)).to(device)
+    data = {"input_ids": ids, "labels": ids.clone()}
+    exact = model(data)["loss"].detach()
+    with torch.autocast(device, dtype=torch.bfloat16), RecordHeadGemms():
+        loss = model(data)["loss"]
+        loss.backward()
+    if not all(bool(p.grad.isfinite().all()) for p in model.parameters()):
+        raise RuntimeError("a gradient under autocast is not finite")
+    return seen, float((loss.detach() - exact).abs() / exact.abs())
+
+
+def check_autocast_bf16(tmp: str) -> str:
+    import torch
+
+    dtypes, err = autocast_head_gemms(_tiny_model_path(tmp), "cuda")
+    if dtypes != {torch.bfloat16} or err > 2e-2:
+        raise RuntimeError(f"head GEMM dtypes {sorted(map(str, dtypes))}, loss error {err:.1e}")
+    return f"the head's GEMMs run in bf16 (fp32 master weights); loss within {err:.1e} of fp32"
 
 
 def _check_kernel(tmp: str, backend: str, module: str, package: str) -> str:
@@ -229,6 +320,7 @@ CHECKS: dict[str, Callable[[str], str]] = {
     "zero2": check_zero2,
     "zero3": check_zero3,
     "flash-attn": check_flash_attn,
+    "autocast-bf16": check_autocast_bf16,
     "liger": check_liger,
     "cce": check_cce,
     "bench-loss": check_bench_loss,

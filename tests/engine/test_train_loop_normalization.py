@@ -68,6 +68,16 @@ def test_two_ranks_times_accumulation_equal_one_process(accumulation_results):
 
 
 @pytest.mark.multiproc
+def test_moe_router_loss_is_the_mean_over_forwards(accumulation_results):
+    """Mixtral (router logits on), dp=2 x accumulation 2 then a short window: the token loss
+    over the whole window plus the mean of the HF model's router loss per forward."""
+    steps = accumulation_results["dp2_moe_global"]
+    assert len(steps) == 2
+    for got, ref in zip(steps, accumulation_results["dp2_moe_reference"]):
+        assert_grads_equal(ref, got)
+
+
+@pytest.mark.multiproc
 def test_micro_batch_normalisation_is_upstreams_unequal_weighting(accumulation_results):
     """``loss_normalization='micro_batch'`` (upstream's per-micro-batch mean) gives other
     gradients on the same data: the comparison above is able to fail."""
@@ -83,6 +93,9 @@ def test_sequence_parallel_times_accumulation_equal_one_process(accumulation_res
     steps = accumulation_results["sp2_global"]
     assert len(steps) == 1
     assert_grads_equal(accumulation_results["sp2_reference"][0], steps[0])
+    moe = accumulation_results["sp2_moe_global"]  # Qwen3-MoE, router logits on
+    assert len(moe) == 1
+    assert_grads_equal(accumulation_results["sp2_moe_reference"][0], moe[0])
 
 
 def test_max_nonfinite_skips_stops_the_run():

@@ -133,7 +133,7 @@ def test_default_loss_and_gradients_equal_the_family_loss(family):
         assert float(ours["loss_router_aux"]) > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "cohere", "granite", "mixtral"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_focal_loss_equals_naive_focal_on_the_family_logits(family):
     model = SupervisedFinetune(
         family_llm(family),
@@ -218,6 +218,35 @@ def test_baichuan_norm_head_has_a_builtin_adapter():
     model = SupervisedFinetune(unit_row_head_model("NormHead"), use_activation_checkpointing=False)
     assert model.output_head().adapter == "NormHead"
     assert_equals_hf(model, batch())
+
+
+def width_scaled_model(model_type: str) -> nn.Module:
+    """A causal LM defined here whose head sees ``h * dim_model_base / hidden_size`` (MiniCPM's
+    width scaling, remote code there), with the given config ``model_type``."""
+
+    class WidthScaledHead(nn.Linear):
+        def forward(self, x):
+            return F.linear(x / (COMMON["hidden_size"] / 8), self.weight)
+
+    config_cls = type("WidthConfig", (LlamaConfig,), {"model_type": model_type})
+
+    class WidthScaledLM(LlamaForCausalLM):
+        config_class = config_cls
+
+        def __init__(self, config):
+            super().__init__(config)
+            torch.manual_seed(1)
+            self.lm_head = WidthScaledHead(config.hidden_size, config.vocab_size, bias=False)
+
+    return WidthScaledLM(config_cls(**COMMON, dim_model_base=8))
+
+
+def test_minicpm_width_scaling_has_a_builtin_adapter():
+    model = SupervisedFinetune(width_scaled_model("minicpm"), use_activation_checkpointing=False)
+    assert model.output_head().adapter == "minicpm"
+    assert_equals_hf(model, batch())
+    with pytest.raises(HeadMismatchError, match="WidthScaledLM"):
+        SupervisedFinetune(width_scaled_model("not_minicpm"), use_activation_checkpointing=False)
 
 
 def test_head_model_option_equals_hf_for_a_soft_capped_family():
@@ -333,6 +362,65 @@ def test_packed_documents_equal_separate_documents(family, attn):
         # gradient's largest entry for the entries near zero.
         floor = 1e-5 * float(grad.abs().max())
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=floor, msg=name)
+
+
+def varlen_only_kernel(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention as flash-attention does it without a padding mask: varlen over the flattened
+    batch with ``cu_seq_lens_q`` when given, else causal over each whole row (what
+    transformers' flash path does for packed rows in a batch of more than one)."""
+    batch, heads, length, dim = query.shape
+    if kwargs.get("cu_seq_lens_q") is None:
+        bounds = [(r * length, (r + 1) * length) for r in range(batch)]
+    else:
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        bounds = list(zip(cu[:-1], cu[1:]))
+    # [B, H, S, D] -> [H, B*S, D]: documents are runs of the flattened batch.
+    q, k, v = (x.transpose(0, 1).reshape(x.shape[1], -1, dim) for x in (query, key, value))
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling, enable_gqa=True
+            )
+            for a, b in bounds
+        ],
+        dim=1,
+    )
+    return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3), None
+
+
+def test_packed_flash_kwargs():
+    from xtuner.model.modules.packed_attention import packed_flash_kwargs
+
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
+    assert packed_flash_kwargs("sdpa", positions) == {}
+    kwargs = packed_flash_kwargs("flash_attention_2", positions)
+    assert kwargs["cu_seq_lens_q"].tolist() == kwargs["cu_seq_lens_k"].tolist() == [0, 3, 5, 7, 10]
+    assert int(kwargs["max_length_q"]) == int(kwargs["max_length_k"]) == 3
+
+
+def test_packed_documents_on_flash_attention_with_batch_2(monkeypatch):
+    """A flash kernel (here a CPU stand-in that, like flash-attention, keeps documents apart
+    only through cu_seq_lens) gets the document boundaries of every row: packed rows, batch 2,
+    equal separate documents, loss and every gradient."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(
+        ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", varlen_only_kernel
+    )
+    model = SupervisedFinetune(family_llm("llama"), use_activation_checkpointing=False)
+    docs = documents()
+    ref = model(separate_batch(docs), mode="loss")
+    total(ref).backward()
+    ref_grads = grads_of(model)
+    model.zero_grad()
+    model.llm.config._attn_implementation = "flash_attention_2"
+    model.use_varlen_attn = True
+    ours = model(packed_batch(docs), mode="loss")
+    total(ours).backward()
+    torch.testing.assert_close(total(ours), total(ref), rtol=1e-5, atol=1e-6)
+    for name, grad in grads_of(model).items():
+        floor = 1e-5 * float(grad.abs().max())
+        torch.testing.assert_close(ref_grads[name], grad, rtol=1e-5, atol=floor, msg=name)
 
 
 def test_varlen_refused_for_a_model_that_lets_documents_attend_each_other():

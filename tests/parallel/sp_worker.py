@@ -6,13 +6,15 @@ the tests compare them. Modes:
 
 * ``sp``: collectives, the loss reduction and the sampler; then for each (model, loss,
   batch): loss and gradients with sp=1 (computed here, before sp is set up) and with sp=2
-  (gradients averaged over the ranks, as DDP does); and upstream's identity-backward
-  reduction on the same batch.
+  (gradients averaged over the ranks, as DDP does); for MoE models (router logits on) also
+  the HF model's own loss; and upstream's identity-backward reduction on the same batch.
 * ``all``: the above, plus gradient accumulation through the real mmengine Runner +
   TrainLoop (DDP, OptimWrapper with ``accumulative_counts=2``, SGD with lr 0 so every step
   sees the same parameters): the gradient of each optimizer step, for dp=2 (global and
-  micro-batch normalisation) and for sp=2 x dp=1; and the reference gradient of the token
-  mean over each window's rows computed by one process from the HF model's own logits.
+  micro-batch normalisation) and for sp=2 x dp=1, with a dense and an MoE model; and the
+  reference gradient of the token mean over each window's rows computed by one process from
+  the HF model's own logits (plus, for MoE, the mean of the HF model's router loss per
+  forward).
 
 The tests call :func:`session_results`: one ``all`` launch serves every test file.
 """
@@ -32,29 +34,85 @@ IGNORE = -100
 
 
 # models and batches -------------------------------------------------------------------------
+#: the shape of the tiny Qwen2 and MoE models (4 attention heads: 2 per sp rank).
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
+#: tiny families by kind: (config class, options). The MoE ones have router logits on, so
+#: the HF loss adds router_aux_loss_coef * aux_loss; their routing is far from uniform (with
+#: near-uniform router probabilities the balancing loss is ~top_k whatever the token
+#: fractions, and a missing gather of the statistics would not show).
+MOE_OPTIONS = dict(
+    num_experts_per_tok=2,
+    output_router_logits=True,
+    router_aux_loss_coef=0.5,
+    initializer_range=0.2,
+    intermediate_size=64,
+    num_key_value_heads=2,
+)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", dict(intermediate_size=128, num_key_value_heads=1)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, **MOE_OPTIONS)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_experts=4,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            **MOE_OPTIONS,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=4, moe_intermediate_size=32, head_dim=16, **MOE_OPTIONS),
+    ),
+    # the fork's DeepSeek-V2 (its own balance loss: per layer, group-limited routing); both
+    # layers are MoE layers, so a per-layer sum and a pooled value differ.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            MOE_OPTIONS,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=0,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+        ),
+    ),
+}
+
+
 def build_hf(kind: str = "llama", attn: str = "sdpa"):
-    from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     from xtuner.demo import tiny_llama_config
 
     torch.manual_seed(0)
-    if kind.startswith("qwen2"):
-        # "qwen2_sliding": the second layer attends to a window of 3 tokens.
-        sliding = dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)
-        config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            **(sliding if kind == "qwen2_sliding" else {}),
-        )
-        model = Qwen2ForCausalLM(config)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(tiny_llama_config(VOCAB))
     else:
-        model = LlamaForCausalLM(tiny_llama_config(VOCAB))
+        config_cls, options = FAMILIES["qwen2" if kind == "qwen2_sliding" else kind]
+        if kind == "qwen2_sliding":  # the second layer attends to a window of 3 tokens
+            options = dict(options, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+        config = getattr(transformers, config_cls)(**SMALL, **options)
+        if kind == "deepseek_v2":
+            from xtuner.model.transformers_models.deepseek_v2 import DeepseekV2ForCausalLM
+
+            model = DeepseekV2ForCausalLM(config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config)
     model.set_attn_implementation(attn)
     return model.float()
 
@@ -123,11 +181,23 @@ def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Te
     out = model({k: v.clone() for k, v in batch.items()}, mode="loss")
     total = sum(v for k, v in out.items() if "loss" in k)
     total.backward()
-    grads = {
+    return total.detach(), _grads(model)
+
+
+def hf_loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The HF model's own loss in one process (for MoE: cross-entropy plus
+    ``router_aux_loss_coef * aux_loss`` of the whole batch)."""
+    model.zero_grad(set_to_none=True)
+    loss = model.llm(**{k: v.clone() for k, v in batch.items()}, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {
         n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
         for n, p in model.named_parameters()
     }
-    return total.detach(), grads
 
 
 def ddp_average(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -244,17 +314,33 @@ def sp_scenarios() -> list[tuple[str, str, str, object, str, bool]]:
     cases.append(("llama_eager-ce-padded", "llama", "eager", None, "padded", False))
     cases.append(("llama_eager-ce-packed", "llama", "eager", None, "packed", False))
     cases.append(("llama_ckpt-ce-packed", "llama", "sdpa", None, "packed", True))
+    # MoE, router logits on: the router losses see the whole sequence's statistics.
+    router = [
+        dict(type="CrossEntropyLoss"),
+        dict(type="RouterAuxLoss", coef=0.05),
+        dict(type="RouterZLoss", coef=0.01),
+    ]
+    cases.append(("mixtral-ce-padded", "mixtral", "sdpa", None, "padded", False))
+    cases.append(("qwen2_moe-ce-packed", "qwen2_moe", "sdpa", None, "packed", False))
+    cases.append(("qwen3_moe-router_z-padded", "qwen3_moe", "sdpa", router, "padded", False))
+    cases.append(("deepseek_v2-ce-padded", "deepseek_v2", "sdpa", None, "padded", False))
     return cases
+
+
+#: scenarios whose reference is also the HF model's own loss (not only ours at sp=1).
+HF_REFERENCE = ("mixtral-ce-padded", "deepseek_v2-ce-padded")
 
 
 def run_sp(results: dict) -> None:
     from xtuner.parallel.sequence import init_sequence_parallel
 
     cases = sp_scenarios()
-    reference = {}
+    reference, hf_reference = {}, {}
     for name, kind, attn, loss, batch, ckpt in cases:
         model = build_sft(build_hf(kind, attn), loss, ckpt)
         reference[name] = loss_and_grads(model, BATCHES[batch]())
+        if name in HF_REFERENCE:
+            hf_reference[name] = hf_loss_and_grads(model, BATCHES[batch]())
     upstream_ref = reference["llama-ce-padded"]
     init_sequence_parallel(2)
     check_collectives(results)
@@ -268,6 +354,8 @@ def run_sp(results: dict) -> None:
             "ref_grads": reference[name][1],
             "sp_grads": ddp_average(grads),
         }
+        if name in hf_reference:
+            results[name]["hf_loss"], results[name]["hf_grads"] = hf_reference[name]
     model = build_sft(build_hf(), None)
     results["upstream"] = {
         "ref_grads": upstream_ref[1],
@@ -292,8 +380,15 @@ def micro_batch(seed: int, rows: int, length: int, n_targets: list[int]) -> dict
 
 
 def reference_grads(hf, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Token mean of cross-entropy over every row of ``batches``, row by row, from HF logits."""
+    """Token mean of cross-entropy over every row of ``batches``, row by row, from HF logits;
+    for an MoE model plus the mean over the batches (the forwards of the window, on every
+    rank) of the HF model's own ``router_aux_loss_coef * aux_loss`` of each batch."""
     hf.zero_grad(set_to_none=True)
+    aux = 0.0
+    if getattr(hf.config, "output_router_logits", False):
+        for batch in batches:
+            out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            aux = aux + hf.config.router_aux_loss_coef * out.aux_loss / len(batches)
     total, count = 0.0, 0
     for batch in batches:
         for i in range(batch["input_ids"].shape[0]):
@@ -305,7 +400,7 @@ def reference_grads(hf, batches: list[dict]) -> dict[str, torch.Tensor]:
                 logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum"
             )
             count += int((labels[1:] != IGNORE).sum())
-    (total / count).backward()
+    (total / count + aux).backward()
     return {n: p.grad.detach().clone() for n, p in hf.named_parameters()}
 
 
@@ -324,7 +419,9 @@ def first_item(items: list[dict]) -> dict:
     return {"data": {k: v.clone() for k, v in items[0].items()}, "data_samples": None}
 
 
-def train_and_capture(name: str, items: list[dict], max_iters: int, normalization: str, sampler):
+def train_and_capture(
+    name: str, items: list[dict], max_iters: int, normalization: str, sampler, kind: str = "llama"
+):
     """Runs the real Runner/TrainLoop and returns the gradients seen by each optimizer step."""
     from mmengine.runner import Runner
     from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -342,7 +439,7 @@ def train_and_capture(name: str, items: list[dict], max_iters: int, normalizatio
             }
         )
 
-    model = build_sft(build_hf(), None)
+    model = build_sft(build_hf(kind), None)
     names = {id(p): n.removeprefix("llm.") for n, p in model.named_parameters()}
     handle = register_optimizer_step_pre_hook(capture)
     runner = Runner(
@@ -385,6 +482,12 @@ def run_accumulation_dp(results: dict) -> None:
     results["dp2_reference"] = [reference_grads(hf, items[:4]), reference_grads(hf, items[4:])]
     for mode in ("global", "micro_batch"):
         results[f"dp2_{mode}"] = train_and_capture(f"dp2_{mode}", items, 3, mode, DefaultSampler)
+    # MoE: the router loss of each forward, averaged over the window and the ranks.
+    hf = build_hf("mixtral")
+    results["dp2_moe_reference"] = [reference_grads(hf, items[:4]), reference_grads(hf, items[4:])]
+    results["dp2_moe_global"] = train_and_capture(
+        "dp2_moe", items, 3, "global", DefaultSampler, "mixtral"
+    )
 
 
 def run_accumulation_sp(results: dict) -> None:
@@ -395,6 +498,10 @@ def run_accumulation_sp(results: dict) -> None:
     results["sp2_reference"] = [reference_grads(build_hf(), items)]
     results["sp2_global"] = train_and_capture(
         "sp2_global", items, 2, "global", SequenceParallelSampler
+    )
+    results["sp2_moe_reference"] = [reference_grads(build_hf("qwen3_moe"), items)]
+    results["sp2_moe_global"] = train_and_capture(
+        "sp2_moe", items, 2, "global", SequenceParallelSampler, "qwen3_moe"
     )
 
 

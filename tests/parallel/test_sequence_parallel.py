@@ -142,6 +142,17 @@ def test_batch_split_keeps_the_full_padding_mask(fake_sp):
     assert local[CONTEXT_KWARG].position_ids.tolist() == [[0, 1, 2, 3]]
 
 
+def test_shard_padding_mask_counts_the_sequence_parallel_pads_out(fake_sp):
+    from xtuner.parallel.sequence import shard_padding_mask
+
+    assert shard_padding_mask(None, 1, 4, "cpu") is None  # one rank: every token counts
+    fake_sp(2, rank=1)
+    assert shard_padding_mask(None, 1, 8, "cpu") is None
+    assert shard_padding_mask(None, 1, 7, "cpu").tolist() == [[1, 1, 1, 0]]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    assert shard_padding_mask(mask, 1, 7, "cpu").tolist() == [[1, 0, 0, 0]]
+
+
 def test_heads_checks():
     assert kv_repeats_for_sequence_parallel(2, 2) == 1
     assert kv_repeats_for_sequence_parallel(1, 2) == 2
@@ -262,9 +273,21 @@ def test_sp2_equals_sp1(sp_results, name):
 
 
 @pytest.mark.multiproc
+@pytest.mark.parametrize("name", worker.HF_REFERENCE)
+def test_sp2_equals_the_hf_model_loss(sp_results, name):
+    """MoE with router logits on: sp=2 gives the HF model's own loss on the whole sequence
+    (cross-entropy + router_aux_loss_coef * aux_loss), value and every gradient."""
+    result = sp_results[name]
+    torch.testing.assert_close(result["sp_loss"], result["hf_loss"], rtol=1e-5, atol=0)
+    assert_grads_equal(result["hf_grads"], result["sp_grads"])
+
+
+@pytest.mark.multiproc
 def test_required_losses_were_covered(sp_results):
     losses = {name.split("-")[1] for name in sp_results if name.count("-") == 2}
-    assert {"ce", "ce_sample_smooth", "focal", "ce_plus_z"} <= losses
+    assert {"ce", "ce_sample_smooth", "focal", "ce_plus_z", "router_z"} <= losses
+    moe = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"}
+    assert moe <= {name.split("-")[0] for name in sp_results}
 
 
 @pytest.mark.multiproc

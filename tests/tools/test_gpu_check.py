@@ -1,5 +1,6 @@
 """tools/gpu_check.py on a machine without CUDA: it says so and exits 0; its table and its
-handling of skipped and failing checks (the GPU checks themselves run on a GPU only)."""
+handling of skipped and failing checks; the bodies of the flash-attention and autocast
+checks run on the CPU (sdpa, CPU autocast), so the GPU session runs tested code."""
 
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ def test_checks_are_skipped_failed_or_ok_and_tabulated(monkeypatch, tmp_path):
     assert "| missing | skipped | needs no-such-wheel (pip install no-such-wheel) |" in table
     assert "| broken | FAIL | ValueError: values differ |" in table
     assert table.rstrip().endswith("fine:\n| a | b |\n|---|---|")
+
+
+def test_packed_check_body_on_the_cpu(tiny_llama_path):
+    err = gpu_check.packed_equals_separate(tiny_llama_path, "cpu", "sdpa", "float32")
+    assert err < 1e-4
+
+
+def test_autocast_check_body_on_the_cpu(tiny_llama_path):
+    dtypes, err = gpu_check.autocast_head_gemms(tiny_llama_path, "cpu")
+    assert dtypes == {torch.bfloat16}
+    assert err < 2e-2

@@ -42,6 +42,7 @@ from .losses.router import (
     router_outputs,
     wants_router_logits,
 )
+from .modules.packed_attention import packed_flash_kwargs
 from .utils import LoadWoInit, build_nested, find_all_linear_names, prepare_llm_config
 
 #: tokens the build-time head probe runs through the model (cheap; no gradient).
@@ -352,15 +353,21 @@ class SupervisedFinetune(BaseModel):
         """
         labels, weights = self._targets(data, inputs["position_ids"])
         extras = self.loss.extra_inputs(data, labels)
+        router_mask = inputs.get("attention_mask")
         if get_sequence_parallel_world_size() > 1:
-            from xtuner.parallel.sequence import split_for_sequence_parallel
+            from xtuner.parallel.sequence import shard_padding_mask, split_for_sequence_parallel
 
             from .modules import enable_sequence_parallel_attention
 
             enable_sequence_parallel_attention(self._attention_model())
+            # The router statistics count this shard's real tokens (not the sp padding).
+            router_mask = shard_padding_mask(router_mask, *labels.shape[:2], labels.device)
             inputs, labels, weights, extras = split_for_sequence_parallel(
                 inputs, labels, weights, extras
             )
+        elif self.use_varlen_attn:
+            kernel = self.base_llm.config._attn_implementation
+            inputs = {**inputs, **packed_flash_kwargs(kernel, inputs["position_ids"])}
         if self.head_mode == "model":
             # The model's own logits, all at once: exact for any head, not memory-saving.
             out = self.causal_lm()(**inputs, use_cache=False)
@@ -368,7 +375,7 @@ class SupervisedFinetune(BaseModel):
         else:
             out = self.backbone()(**inputs, use_cache=False)
             hidden, head = out.last_hidden_state, self.output_head()
-        router = router_outputs(self.causal_lm(), out, inputs.get("attention_mask"))
+        router = router_outputs(self.causal_lm(), out, router_mask)
         if head is not None:
             # ZeRO-3 gathers a parameter around the forward (and backward) of the module it
             # is registered with; the loss reads the head's weight outside the head's

@@ -4,21 +4,26 @@ A mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) whose config set
 ``output_router_logits=True`` adds ``router_aux_loss_coef * aux_loss`` to its own loss. The
 model hands the router logits of every MoE layer to its loss as
 ``LossContext.router`` (:class:`RouterOutputs`); :class:`RouterAuxLoss` computes the
-auxiliary loss with the model family's own ``load_balancing_loss_func`` (from the model's
-transformers module), so the sum ``loss_ce + loss_router_aux`` equals the HF model's loss.
-When the config asks for router logits and the loss config names no router loss,
+auxiliary loss as the family's ``load_balancing_loss_func`` does (checked against it on the
+first call), so the sum ``loss_ce + loss_router_aux`` equals the HF model's loss. When the
+config asks for router logits and the loss config names no router loss,
 :class:`RouterAuxLoss` with the config's coefficient is added.
 
-Normalisation: the auxiliary loss is a mean over the micro-batch's tokens already (the
-fraction of tokens routed to each expert times the mean router probability). Each
-micro-batch contributes its own value, exactly as the HF model computes it; the optimizer
-step's gradient is the mean over the micro-batches of the accumulation window (the optim
-wrapper divides by ``accumulative_counts``) and over the data-parallel ranks (DDP
-averages), which is what one process running the micro-batches one after the other with
-``loss / accumulation_steps`` gets. Under sequence parallel each rank holds a shard of the
-sequence: its value is the shard's auxiliary loss, and the logged term and the gradient are
-the mean over the shards (the per-token statistics are not gathered across shards: the
-balancing is asked of each shard, which is at least as strict).
+Both losses are functions of sums over the tokens (top-k assignments and router
+probabilities per expert, ``logsumexp^2``) and of the token count. Under sequence parallel
+each rank sums its shard and the sums are all-reduced over the group (differentiably, see
+:func:`~xtuner.parallel.comm.sp_all_reduce_sum_with_grad`), so every rank gets the value of
+the whole sequence and the gradients are those of one process: sp=2 equals sp=1.
+
+Normalisation across micro-batches and data-parallel ranks: each forward (one micro-batch,
+all its sequence-parallel shards together) contributes its own value, as the HF model
+computes it per forward. The optimizer step gets the mean over the micro-batches of the
+accumulation window (the optim wrapper divides by its ``accumulative_counts``) and over the
+data-parallel ranks (DDP averages). Statistics pooled over the whole window would need every
+micro-batch's routing before the first backward, which gradient accumulation rules out, and
+weighting forwards by their token count would make the coefficient mean something else with
+every batch size; with the mean of per-forward values, ``router_aux_loss_coef`` keeps the
+meaning it has in the HF model's forward, for any accumulation and number of ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from xtuner.parallel.comm import sp_all_reduce_sum_with_grad
 from xtuner.parallel.sequence import get_sequence_parallel_world_size
 from xtuner.registry import LOSSES
 
@@ -55,6 +61,29 @@ class RouterOutputs:
     top_k: int
     aux_coef: float
     balance_fn: Callable[..., Tensor]
+    scheme: BalanceScheme | None = None
+
+
+@dataclass
+class BalanceScheme:
+    """How a family turns the routing statistics into its balance loss.
+
+    The default is the Switch Transformer's (Mixtral, Qwen2-MoE, Qwen3-MoE): the statistics
+    pooled over every MoE layer, experts chosen by a plain top-k of the probabilities. A
+    family that balances another way returns its scheme from a ``router_balance_scheme()``
+    method of its model (DeepSeek-V2: per layer, group-limited choice, shares of the top-k).
+
+    Attributes:
+        per_layer: the sum over layers of each layer's ``E * sum_e f_e * P_e`` instead of one
+            value of the statistics pooled over the layers.
+        choose: ``probs [T, E] -> [T, top_k]`` expert indices; None: ``topk(probs)``.
+        divide_by_top_k: ``f_e`` is the share of the ``T * top_k`` choices (DeepSeek-V2)
+            instead of the fraction of the ``T`` tokens (Switch).
+    """
+
+    per_layer: bool = False
+    choose: Callable[[Tensor], Tensor] | None = None
+    divide_by_top_k: bool = False
 
 
 def balance_function(model: nn.Module) -> Callable[..., Tensor] | None:
@@ -103,11 +132,12 @@ def router_outputs(
         top_k=int(model.num_experts_per_tok),
         aux_coef=float(getattr(model.config, "router_aux_loss_coef", 0.0)),
         balance_fn=balance_function(model),
+        scheme=model.router_balance_scheme() if hasattr(model, "router_balance_scheme") else None,
     )
 
 
 class _RouterLoss(BaseLoss):
-    """A term computed from the router logits: a micro-batch mean (see the module doc)."""
+    """A term computed from the router logits of one whole forward (see the module doc)."""
 
     def __init__(self, coef: float | None = None, name: str | None = None, **kwargs):
         super().__init__(name=name, **kwargs)
@@ -124,8 +154,11 @@ class _RouterLoss(BaseLoss):
                 "config (the model does it when a router loss is configured)"
             )
         value = self.router_value(ctx.router)
-        # Each sequence-parallel shard holds its own value; the framework sums the shards and
-        # multiplies the gradient by sp, so the term is the mean over the shards.
+        # Every rank of a sequence-parallel group holds the whole sequence's value. A term
+        # with its own denominator is logged as the sum over the group and back-propagated
+        # times sp: each rank returns 1/sp of it. Each rank's backward through the
+        # all-reduce of the sums then reaches every shard, and DDP's mean over the group
+        # leaves exactly the gradient of the value.
         sp = get_sequence_parallel_world_size()
         one = torch.ones((), dtype=value.dtype, device=value.device)
         return self.make_output(ctx, {self.name: LossTerm(value / sp, denominator=one)})
@@ -134,10 +167,49 @@ class _RouterLoss(BaseLoss):
         return f"coef={self.coef}, name={self.name!r}"
 
 
+def _token_mask(router: RouterOutputs) -> Tensor:
+    """``[tokens]`` float mask of the tokens that count (the rows of each layer's logits)."""
+    logits = router.logits[0]
+    if router.attention_mask is None:
+        return logits.new_ones(logits.shape[0], dtype=torch.float32)
+    return router.attention_mask.reshape(-1).to(device=logits.device, dtype=torch.float32)
+
+
+def balance_sums(router: RouterOutputs) -> Tensor:
+    """This shard's sums of the load-balancing statistics, ``[layers, 2E + 1]``: per MoE
+    layer, the router probabilities per expert, the expert choices per expert and the number
+    of unpadded tokens."""
+    mask = _token_mask(router)
+    scheme = router.scheme or BalanceScheme()
+    rows = []
+    for layer in router.logits:
+        p = torch.softmax(layer.float(), dim=-1)
+        chosen = (scheme.choose or (lambda q: torch.topk(q, router.top_k, dim=-1).indices))(p)
+        counts = mask.new_zeros(router.num_experts).scatter_add(
+            0, chosen.reshape(-1), mask.repeat_interleave(router.top_k)
+        )
+        rows.append(torch.cat([(p * mask[:, None]).sum(0), counts.detach(), mask.sum()[None]]))
+    return torch.stack(rows)
+
+
+def balance_loss(sums: Tensor, router: RouterOutputs) -> Tensor:
+    """``E * sum_e f_e * P_e`` from :func:`balance_sums` (Switch Transformer eq. 4), pooled
+    over the layers or summed per layer as the family's :class:`BalanceScheme` says."""
+    scheme, e = router.scheme or BalanceScheme(), router.num_experts
+    if not scheme.per_layer:
+        sums = sums.sum(0, keepdim=True)
+    tokens = sums[:, -1:].clamp_min(1)
+    probs, counts = sums[:, :e] / tokens, sums[:, e:-1] / tokens
+    if scheme.divide_by_top_k:
+        counts = counts / router.top_k
+    return e * (counts * probs).sum()
+
+
 @LOSSES.register_module()
 class RouterAuxLoss(_RouterLoss):
     """The MoE load-balancing loss (Switch Transformer, arXiv 2101.03961, eqs. 4-6) as the
-    model family computes it: ``coef * load_balancing_loss_func(router_logits, ...)``.
+    model family computes it: ``coef * load_balancing_loss_func(router_logits, ...)``, with
+    the statistics of the whole sequence under sequence parallel.
 
     Args:
         coef: the coefficient; None takes the model config's ``router_aux_loss_coef``.
@@ -146,18 +218,46 @@ class RouterAuxLoss(_RouterLoss):
 
     default_name = "router_aux"
 
+    def __init__(self, coef: float | None = None, name: str | None = None, **kwargs):
+        super().__init__(coef=coef, name=name, **kwargs)
+        self._checked = False
+
     def router_value(self, router: RouterOutputs) -> Tensor:
         coef = router.aux_coef if self.coef is None else float(self.coef)
-        aux = router.balance_fn(
-            router.logits, router.num_experts, router.top_k, router.attention_mask
-        )
-        return coef * torch.as_tensor(aux, dtype=torch.float32, device=router.logits[0].device)
+        sums = balance_sums(router)
+        if not self._checked:
+            self._check_family(router, balance_loss(sums.detach(), router))
+        sums = sp_all_reduce_sum_with_grad(sums)
+        return coef * balance_loss(sums, router)
+
+    def _check_family(self, router: RouterOutputs, local: Tensor) -> None:
+        """Once: the statistics above give what the family's own function gives on this
+        shard, so the sums that are gathered under sequence parallel are the right ones."""
+        with torch.no_grad():
+            theirs = router.balance_fn(
+                router.logits, router.num_experts, router.top_k, router.attention_mask
+            )
+        theirs = torch.as_tensor(theirs, dtype=torch.float32, device=local.device)
+        # The family's softmax runs in the logits' dtype (ours in float32): 16-bit rounding,
+        # and a top-k choice between near-equal probabilities, move its value a little.
+        rtol = 1e-4 if router.logits[0].dtype == torch.float32 else 2e-2
+        if not torch.allclose(local, theirs, rtol=rtol, atol=1e-6):
+            raise LossInputError(
+                f"RouterAuxLoss: the model's load_balancing_loss_func gives {float(theirs)} "
+                f"where the routing statistics give {float(local)}: this family balances its "
+                "experts another way. Set output_router_logits=False in the llm config and "
+                "leave router losses out of the loss config, write a loss (BaseLoss) for its "
+                "balancing term, or give the model a router_balance_scheme() method "
+                "(xtuner.model.losses.router.BalanceScheme)"
+            )
+        self._checked = True
 
 
 @LOSSES.register_module()
 class RouterZLoss(_RouterLoss):
     """The router z-loss (ST-MoE, arXiv 2202.08906, eq. 5): ``coef * mean(logsumexp(x)^2)``
-    over the router logits ``x`` of every MoE layer and every (unpadded) token.
+    over the router logits ``x`` of every MoE layer and every (unpadded) token of the whole
+    sequence.
 
     Args:
         coef: the coefficient (ST-MoE uses 1e-3).
@@ -170,11 +270,11 @@ class RouterZLoss(_RouterLoss):
         super().__init__(coef=coef, name=name, **kwargs)
 
     def router_value(self, router: RouterOutputs) -> Tensor:
+        mask = _token_mask(router)
         z = torch.stack([torch.logsumexp(x.float(), dim=-1) for x in router.logits])
-        if router.attention_mask is None:
-            return self.coef * z.square().mean()
-        mask = router.attention_mask.reshape(1, -1).to(z)
-        return self.coef * (z.square() * mask).sum() / (mask.sum() * z.shape[0]).clamp_min(1)
+        sums = torch.stack([(z.square() * mask).sum(), mask.sum().detach() * z.shape[0]])
+        total, rows = sp_all_reduce_sum_with_grad(sums).unbind()
+        return self.coef * total / rows.clamp_min(1)
 
 
 def has_router_loss(loss: nn.Module) -> bool:

@@ -45,9 +45,11 @@ from xtuner.parallel.sequence import (
     pre_process_for_sequence_parallel_attn,
 )
 
+from .packed_attention import FLASH_KERNELS, packed_flash_kwargs
+
 PREFIX = "xtuner_ulysses_"
 #: the kernels that get a Ulysses version.
-WRAPPED_KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+WRAPPED_KERNELS = ("sdpa", "eager", *FLASH_KERNELS)
 
 
 class _View:
@@ -129,8 +131,16 @@ def _ulysses(kernel_name: str) -> Callable:
         mask = _full_sequence_mask(
             sequence_parallel_context, config, query, kwargs.get("sliding_window")
         )
-        # Flash kernels find packed documents from the position ids: give the whole sequence's.
+        # Flash kernels keep packed documents apart with the whole sequence's document
+        # boundaries (computed once per forward).
         kwargs["position_ids"] = sequence_parallel_context.position_ids
+        if kernel_name in FLASH_KERNELS:
+            masks = sequence_parallel_context.masks
+            if "flash_varlen" not in masks:
+                masks["flash_varlen"] = packed_flash_kwargs(
+                    kernel_name, sequence_parallel_context.position_ids
+                )
+            kwargs.update(masks["flash_varlen"])
         output, _ = kernel(view, query, key, value, mask, **kwargs)
         # [B, S, H/sp, D] -> [B, S/sp, H, D]
         return post_process_for_sequence_parallel_attn(output, scatter_dim=1, gather_dim=2), None

@@ -23,6 +23,7 @@ from .data_collate import (
     CONTEXT_KWARG,
     SequenceParallelContext,
     pad_for_sequence_parallel,
+    shard_padding_mask,
     split_batch_for_sequence_parallel,
 )
 from .reduce_loss import reduce_sequence_parallel_loss
@@ -54,6 +55,7 @@ __all__ = [
     "gather_forward_split_backward",
     "pad_for_sequence_parallel",
     "split_batch_for_sequence_parallel",
+    "shard_padding_mask",
     "SequenceParallelContext",
     "CONTEXT_KWARG",
     "pre_process_for_sequence_parallel_attn",

@@ -88,6 +88,20 @@ def take_shard(tensor: Tensor, dim: int = 1) -> Tensor:
     return tensor.chunk(sp, dim=dim)[get_sequence_parallel_rank()]
 
 
+def shard_padding_mask(mask: Tensor | None, batch: int, length: int, device) -> Tensor | None:
+    """This rank's shard of the ``[B, S]`` padding mask, the sequence-parallel padding
+    included (0 there); None when every token of the shard counts.
+
+    Per-token statistics that are not attention (e.g. the MoE router's) read it, so that
+    the pads added for sequence parallel count as little as the data's own padding.
+    """
+    if mask is None:
+        if length % get_sequence_parallel_world_size() == 0:
+            return None
+        mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    return take_shard(pad_for_sequence_parallel(mask, 0, dim=1))
+
+
 def split_batch_for_sequence_parallel(
     inputs: dict[str, Tensor | None],
     labels: Tensor,

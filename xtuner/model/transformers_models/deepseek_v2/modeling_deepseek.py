@@ -30,10 +30,28 @@ from torch import Tensor
 from transformers import DeepseekV2Config
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
 
+from xtuner.model.losses.router import BalanceScheme
+
 #: from_pretrained options of upstream's remote-code DeepSeek-V2 that have no meaning here.
 UPSTREAM_ONLY_OPTIONS = ("moe_implementation", "expert_in_one_shard")
 #: DeepSeek-V2's balance-loss weight (its ``aux_loss_alpha``) when the config names none.
 DEFAULT_AUX_ALPHA = 0.001
+
+
+def choose_experts(
+    probs: Tensor, top_k: int, n_group: int | None = None, topk_group: int | None = None
+) -> Tensor:
+    """The ``[tokens, top_k]`` experts DeepSeek-V2 routes each token to: the top-k of the
+    probabilities, with group-limited routing only among the ``topk_group`` groups that hold
+    the best experts."""
+    scores = probs
+    if n_group and n_group > 1:
+        num_experts = probs.shape[-1]
+        grouped = probs.view(-1, n_group, num_experts // n_group)
+        best = grouped.max(-1).values.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(grouped[..., 0]).scatter(1, best, 1.0).bool()
+        scores = grouped.masked_fill(~keep[..., None], 0.0).view(-1, num_experts)
+    return scores.topk(top_k, dim=-1).indices
 
 
 def load_balancing_loss_func(
@@ -61,13 +79,8 @@ def load_balancing_loss_func(
     total = torch.zeros((), dtype=torch.float32, device=gate_logits[0].device)
     for logits in gate_logits:
         probs = logits.float().softmax(-1)
-        scores = probs
-        if n_group and n_group > 1:
-            grouped = probs.view(-1, n_group, num_experts // n_group)
-            best = grouped.max(-1).values.topk(topk_group, dim=-1).indices
-            keep = torch.zeros_like(grouped[..., 0]).scatter(1, best, 1.0).bool()
-            scores = grouped.masked_fill(~keep[..., None], 0.0).view(-1, num_experts)
-        chosen = F.one_hot(scores.topk(top_k, dim=-1).indices, num_experts).sum(1).float()
+        picked = choose_experts(probs, top_k, n_group, topk_group)
+        chosen = F.one_hot(picked, num_experts).sum(1).float()
         weight = torch.ones_like(probs[:, :1])
         if attention_mask is not None:
             weight = attention_mask.reshape(-1, 1).to(probs)
@@ -118,24 +131,37 @@ class DeepseekV2ForCausalLM(hf.DeepseekV2ForCausalLM):
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """:func:`load_balancing_loss_func` with this model's group-limited routing."""
-        limited = self.config.topk_method == "group_limited_greedy"
         return load_balancing_loss_func(
-            gate_logits,
-            num_experts,
-            top_k,
-            attention_mask,
-            n_group=self.config.n_group if limited else None,
-            topk_group=self.config.topk_group if limited else None,
+            gate_logits, num_experts, top_k, attention_mask, *self._groups()
         )
+
+    def router_balance_scheme(self) -> BalanceScheme:
+        """How the fork's ``RouterAuxLoss`` gathers this balance loss's statistics (under
+        sequence parallel, across the shards): per layer, shares of the top-k choices, the
+        experts chosen as this model routes."""
+        groups = self._groups()
+        return BalanceScheme(
+            per_layer=True,
+            choose=lambda probs: choose_experts(probs, self.num_experts_per_tok, *groups),
+            divide_by_top_k=True,
+        )
+
+    def _groups(self) -> tuple[int | None, int | None]:
+        if self.config.topk_method == "group_limited_greedy":
+            return self.config.n_group, self.config.topk_group
+        return None, None
 
     def forward(self, *args, **kwargs) -> hf.MoeCausalLMOutputWithPast:
         out = super().forward(*args, **kwargs)
-        if out.router_logits and out.loss is not None:
+        # As transformers' Mixtral: aux_loss whenever there are router logits, added to the
+        # loss when labels were given.
+        if out.router_logits:
             out.aux_loss = self.load_balancing_loss_func(
                 out.router_logits,
                 self.num_experts,
                 self.num_experts_per_tok,
                 kwargs.get("attention_mask"),
             )
-            out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+            if out.loss is not None:
+                out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
         return out
