@@ -194,13 +194,18 @@ def test_export_reloads_with_from_pretrained_and_gives_the_same_logits(internvl_
 @pytest.mark.multiproc
 def test_sequence_parallel_2_equals_1(internvl_path, tmp_path):
     """Loss and every gradient (LLM, projector, vision tower) with sp=2 equal sp=1."""
+    check_sequence_parallel(internvl_path, tmp_path, ".vision_tower.")
+
+
+def check_sequence_parallel(path, tmp_path, vision_key: str, *worker_args: str) -> None:
+    """Runs internvl_sp_worker.py on 2 ranks and checks sp=2 against sp=1."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "results.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
-    cmd += [osp.join(HERE, "internvl_sp_worker.py"), internvl_path, str(out)]
+    cmd += [osp.join(HERE, "internvl_sp_worker.py"), path, str(out), *worker_args]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -211,7 +216,7 @@ def test_sequence_parallel_2_equals_1(internvl_path, tmp_path):
         # Ulysses attention on the text; the vision tower (tiles are not split) keeps its own.
         assert r["sp_kernels"] == {"text": PREFIX + "sdpa", "vision": "sdpa"}, r["sp_kernels"]
         assert r["sp_grads"].keys() == r["ref_grads"].keys()
-        assert any(".vision_tower." in k for k in r["ref_grads"])
+        assert any(vision_key in k for k in r["ref_grads"])
         for key, ref in r["ref_grads"].items():
             atol = max(1e-5 * float(ref.abs().max()), 1e-7)
             torch.testing.assert_close(
@@ -327,3 +332,25 @@ def test_xtuner_train_pretrain_then_finetune_with_focal_loss_and_export(internvl
             ).logits
             mask = sample["attention_mask"]
             torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5, msg=folder)
+
+
+def test_qlora_4bit_on_cpu_builds_and_trains_its_adapters(internvl_path):
+    """``quantization_llm=True`` + ``llm_lora`` on CPU (bitsandbytes' CPU 4-bit kernels): the
+    language model's Linear layers are 4-bit, a step gives a finite loss and a gradient on
+    every adapter and the projector, and no 4-bit weight is trainable."""
+    import bitsandbytes as bnb
+
+    model = build(internvl_path, quantization_llm=True, llm_lora=LORA, freeze_visual_encoder=True)
+    base = model.base_llm
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.model.language_model.modules())
+    for unquantized in (base.model.vision_tower, base.model.multi_modal_projector, base.lm_head):
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in unquantized.modules())
+    model.train()
+    out = model(batch(internvl_path), mode="loss")
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    got = grads(model)
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(n in got and got[n].abs().sum() > 0 for n in lora)
+    assert any("multi_modal_projector" in n for n in got)
+    assert all("lora_" in n or "multi_modal_projector" in n for n in got), sorted(got)

@@ -122,15 +122,10 @@ class InternVLImageTokens:
         use_thumbnail: bool | None = None,
         image_size: int | None = None,
     ):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_path)
+        geometry = _vision_geometry(model_path)
         processor_cfg = _json(osp.join(str(model_path), "preprocessor_config.json"))
-        vision = config.vision_config
         size = (
-            image_size
-            or (processor_cfg.get("size") or {}).get("height")
-            or _side(vision.image_size)
+            image_size or (processor_cfg.get("size") or {}).get("height") or geometry["image_size"]
         )
         self.tiler = ImageTiler(
             size,
@@ -142,7 +137,7 @@ class InternVLImageTokens:
         )
         #: image-context tokens per tile.
         self.tokens_per_tile = int(
-            (size // _side(vision.patch_size)) ** 2 * config.downsample_ratio**2
+            (size // geometry["patch_size"]) ** 2 * geometry["downsample_ratio"] ** 2
         )
         names = [
             getattr(tokenizer, "start_image_token", None) or IMG_START_TOKEN,
@@ -157,10 +152,11 @@ class InternVLImageTokens:
                 f"{names[0]}{names[1]}...{names[2]}; use the checkpoint's own tokenizer"
             )
         self.start_id, self.context_id, self.end_id = (vocab[n] for n in names)
-        if self.context_id != config.image_token_id:
+        token_id = geometry["image_token_id"]
+        if token_id is not None and self.context_id != token_id:
             raise ValueError(
                 f"the tokenizer's {names[1]} is id {self.context_id}, but the model's "
-                f"config.image_token_id is {config.image_token_id}: the tokenizer does not "
+                f"config.image_token_id is {token_id}: the tokenizer does not "
                 "belong to this checkpoint"
             )
 
@@ -356,6 +352,32 @@ def _per_file(data_paths, image_folders, repeat_times) -> tuple[list, list, list
     if bad:
         raise ValueError(f"InternVL_V1_5_Dataset: repeat_times must be > 0, got {bad}")
     return paths, folders, times
+
+
+def _vision_geometry(model_path: str) -> dict:
+    """Tile side, patch side, pixel-shuffle ratio and image-context id (None: the model
+    takes it from the tokenizer) of an -hf or a remote-code checkpoint.
+
+    A remote-code config (``InternVLChatConfig``) is read as JSON, so no code runs here.
+    """
+    raw = _json(osp.join(str(model_path), "config.json"))
+    if raw.get("auto_map") and raw.get("model_type") != "internvl":
+        vision = raw.get("vision_config") or {}
+        return {
+            "image_size": _side(raw.get("force_image_size") or vision["image_size"]),
+            "patch_size": _side(vision["patch_size"]),
+            "downsample_ratio": raw["downsample_ratio"],
+            "image_token_id": None,
+        }
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return {
+        "image_size": _side(config.vision_config.image_size),
+        "patch_size": _side(config.vision_config.patch_size),
+        "downsample_ratio": config.downsample_ratio,
+        "image_token_id": config.image_token_id,
+    }
 
 
 def _side(value: Any) -> int:

@@ -9,6 +9,10 @@ image-context tokens of the text in place: the data set writes each image as
 (:class:`xtuner.dataset.InternVL_V1_5_Dataset`). The merge and the loss path are the ones
 every vision-language model shares (:mod:`xtuner.model.multimodal`): pluggable loss, global
 normalisation and sequence parallel exactly as for LLaVA.
+
+A remote-code checkpoint (OpenGVLab's original folders: ``InternVLChatModel`` with its
+``vision_model``, ``mlp1`` and ``language_model``) is used instead when its code is in the
+folder and ``trust_remote_code=True`` (:data:`PARTS` names the parts of each layout).
 """
 
 from __future__ import annotations
@@ -112,23 +116,24 @@ def read_model_config(model_path: str) -> dict:
         return json.load(f)
 
 
-def check_native(model_path: str, trust_remote_code: bool) -> None:
-    """Accepts a checkpoint in transformers' InternVL layout; explains any other.
+def uses_remote_code(model_path: str, trust_remote_code: bool) -> bool:
+    """Whether the checkpoint runs its own code (``InternVLChatModel``) or is an -hf one.
 
-    Remote-code checkpoints (``InternVLChatModel``, ``model_type='internvl_chat'``) are
-    refused with what to do: their code is missing from the folder, or it is there and
-    ``trust_remote_code`` was not asked for, or (both there) the -hf layout is needed.
+    A remote-code checkpoint (``auto_map`` in its config, e.g. OpenGVLab/InternVL2_5-1B) is
+    used when its code files are in the folder and ``trust_remote_code`` is asked for;
+    otherwise the error says what to do.
     """
     config = read_model_config(model_path)
     model_type = config.get("model_type")
     if model_type == "internvl":
-        return
+        return False
     auto_map = config.get("auto_map") or {}
     where = f"model_path={model_path!r} (model_type={model_type!r})"
     if not auto_map:
         raise ValueError(
             f"{where} is not an InternVL checkpoint: InternVL_V1_5 needs a model of "
-            "transformers' InternVL layout (config model_type 'internvl')"
+            "transformers' InternVL layout (config model_type 'internvl') or InternVL's own "
+            "remote code (auto_map to InternVLChatModel)"
         )
     files = sorted({ref.split("--")[-1].split(".")[0] + ".py" for ref in auto_map.values()})
     missing = [f for f in files if not osp.isfile(osp.join(str(model_path), f))]
@@ -143,24 +148,40 @@ def check_native(model_path: str, trust_remote_code: bool) -> None:
             f"{where} is a remote-code checkpoint ({files}): pass trust_remote_code=True to "
             "run its code, or use its -hf version, which needs no remote code"
         )
-    raise NotImplementedError(
-        f"{where}: training through the remote code (InternVLChatModel) is not supported; "
-        "use the checkpoint's -hf version, or convert it with transformers' "
-        "models/internvl/convert_internvl_weights_to_hf.py"
-    )
+    return True
 
 
-def quantization_config(quantization_llm: bool, quantization_vit: bool) -> Any:
+#: module paths of the parts in each layout: transformers' -hf one and the remote code's
+#: (``InternVLChatModel``, whose language model carries its own head).
+PARTS = {
+    False: dict(
+        language="model.language_model",
+        head="lm_head",
+        vision="model.vision_tower",
+        projector="model.multi_modal_projector",
+    ),
+    True: dict(
+        language="language_model",
+        head="language_model.lm_head",
+        vision="vision_model",
+        projector="mlp1",
+    ),
+}
+
+
+def quantization_config(quantization_llm: bool, quantization_vit: bool, remote: bool) -> Any:
     """QLoRA's 4-bit config for the chosen sides (the projector and head stay unquantised)."""
     if not quantization_llm and not quantization_vit:
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = ["multi_modal_projector", "lm_head"]
+    # transformers matches these from the start of a module's full name.
+    parts = PARTS[remote]
+    skip = [parts["projector"], parts["head"]]
     if not quantization_llm:
-        skip.append("language_model")
+        skip.append(parts["language"])
     if not quantization_vit:
-        skip.append("vision_tower")
+        skip.append(parts["vision"])
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_compute_dtype=_half_dtype(),
@@ -181,6 +202,11 @@ def _lora_config(lora: Any, model: nn.Module, prefix: str) -> Any:
 
     if isinstance(lora, (dict, ConfigDict)):
         lora = BUILDER.build(lora)
+    if not hasattr(model, "prepare_inputs_for_generation"):
+        # A remote model without generation (InternVLChatModel on transformers 5) cannot be
+        # wrapped as PEFT's CAUSAL_LM task (which reads it); the plain PeftModel is the same
+        # for training.
+        lora.task_type = None
     names = lora.target_modules
     if isinstance(names, str):
         return lora
@@ -195,7 +221,8 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
     """InternVL: vision tower, pixel shuffle + projector, and a causal language model.
 
     Args:
-        model_path: local folder of the checkpoint (transformers' InternVL layout).
+        model_path: local folder of the checkpoint (transformers' InternVL layout, or a
+            remote-code one with ``trust_remote_code``).
         freeze_llm: keep the language model's own weights (and head) fixed.
         freeze_visual_encoder: keep the vision tower's own weights fixed.
         llm_lora: a ``LoraConfig`` (or config dict) for the language model.
@@ -204,7 +231,7 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
         quantization_llm: load the language model in 4 bits (needs ``llm_lora``).
         pretrained_pth: a checkpoint of an earlier stage (``.pth`` file or DeepSpeed
             folder): its projector, adapters and other trained weights are loaded.
-        trust_remote_code: allow a remote-code checkpoint (see :func:`check_native`).
+        trust_remote_code: allow a remote-code checkpoint (see :func:`uses_remote_code`).
         dtype: weights' dtype (``'auto'``: the checkpoint's).
         attn_implementation: the attention kernel (default: transformers' choice).
         use_activation_checkpointing: recompute activations in backward.
@@ -241,14 +268,17 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
                 "quantization_vit=True needs visual_encoder_lora: a 4-bit vision "
                 "tower trains through its adapter only"
             )
+        #: whether the checkpoint runs its own code (InternVLChatModel), not the -hf classes.
+        self.remote_code = uses_remote_code(model_path, trust_remote_code)
+        self.parts = PARTS[self.remote_code]
         model = self._load(
             model_path,
-            trust_remote_code,
+            self.remote_code,
             dtype,
             attn_implementation,
-            quantization_config(quantization_llm, quantization_vit),
+            quantization_config(quantization_llm, quantization_vit, self.remote_code),
         )
-        model = self._with_lora(model, llm_lora, visual_encoder_lora)
+        model = self._with_lora(model, llm_lora, visual_encoder_lora, self.parts)
         super().__init__(model, use_activation_checkpointing=False, loss=loss)
         self.model_path = str(model_path)
         self.freeze_llm = freeze_llm
@@ -267,20 +297,34 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
 
     # building --------------------------------------------------------------------------------
     @staticmethod
-    def _load(model_path, trust_remote_code, dtype, attn_implementation, quantization):
-        from transformers import InternVLForConditionalGeneration
+    def _load(model_path, remote_code, dtype, attn_implementation, quantization):
+        from transformers import AutoModel, AutoTokenizer, InternVLForConditionalGeneration
 
-        check_native(model_path, trust_remote_code)
         kwargs = {"dtype": dtype}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         if quantization is not None:
             kwargs["quantization_config"] = quantization
+        if not remote_code:
+            with LoadWoInit():
+                return InternVLForConditionalGeneration.from_pretrained(str(model_path), **kwargs)
+        from xtuner.dataset.internvl_dataset import IMG_CONTEXT_TOKEN
+
         with LoadWoInit():
-            return InternVLForConditionalGeneration.from_pretrained(str(model_path), **kwargs)
+            model = AutoModel.from_pretrained(str(model_path), trust_remote_code=True, **kwargs)
+        # The remote model learns its image-context token from the tokenizer (as its chat()
+        # does), the one InternVL_V1_5_Dataset writes.
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=True)
+        model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        if model.img_context_token_id in (None, tokenizer.unk_token_id):
+            raise ValueError(
+                f"model_path={model_path!r}: its tokenizer has no {IMG_CONTEXT_TOKEN} token; "
+                "use the checkpoint's own tokenizer files"
+            )
+        return model
 
     @staticmethod
-    def _with_lora(model: nn.Module, llm_lora: Any, vision_lora: Any) -> nn.Module:
+    def _with_lora(model: nn.Module, llm_lora: Any, vision_lora: Any, parts: dict) -> nn.Module:
         """One PEFT model with an adapter per side asked for, both active."""
         if llm_lora is None and vision_lora is None:
             return model
@@ -290,9 +334,9 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         sides = []
         if llm_lora is not None:
-            sides.append((LLM_ADAPTER, _lora_config(llm_lora, model, "model.language_model")))
+            sides.append((LLM_ADAPTER, _lora_config(llm_lora, model, parts["language"])))
         if vision_lora is not None:
-            sides.append((VISION_ADAPTER, _lora_config(vision_lora, model, "model.vision_tower")))
+            sides.append((VISION_ADAPTER, _lora_config(vision_lora, model, parts["vision"])))
         (first, config), rest = sides[0], sides[1:]
         model = get_peft_model(model, config, adapter_name=first)
         for name, config in rest:
@@ -302,22 +346,31 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
 
     def _set_trainable(self) -> None:
         """Each side trains in full, through its adapter, or not at all; the projector trains."""
-        model = self.base_llm
-        language = [model.model.language_model, model.lm_head]
+        language = [self._part("language"), self._part("head")]
         for modules, frozen, lora in (
             (language, self.freeze_llm, self.use_llm_lora),
-            ([model.model.vision_tower], self.freeze_visual_encoder, self.use_visual_encoder_lora),
+            ([self._part("vision")], self.freeze_visual_encoder, self.use_visual_encoder_lora),
         ):
             if lora:
                 continue  # PEFT left its adapters trainable and the base weights frozen
             for module in modules:
                 module.requires_grad_(not frozen)
-        model.model.multi_modal_projector.requires_grad_(True)
+        self._part("projector").requires_grad_(True)
 
     # parts -------------------------------------------------------------------------------------
+    def _part(self, name: str) -> nn.Module:
+        """A part (``language``, ``head``, ``vision``, ``projector``) of either layout."""
+        return self.base_llm.get_submodule(self.parts[name])
+
+    def causal_lm(self) -> nn.Module:
+        # The remote model's forward wants pixels: its language model maps embeddings to logits.
+        return self._part("language") if self.remote_code else self.base_llm
+
     @property
     def tokens_per_image(self) -> int:
         """Features one image tile gives (patches, pixel-shuffled)."""
+        if self.remote_code:
+            return int(self.base_llm.num_image_token)
         config = self.base_llm.config
         vision = config.vision_config
         side = _pair(vision.image_size)[0] // _pair(vision.patch_size)[0]
@@ -327,18 +380,18 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
         return ContextTokenSplice(
             data["input_ids"],
             data.get("attention_mask"),
-            self.base_llm.config.image_token_id,
+            self.base_llm.img_context_token_id
+            if self.remote_code
+            else self.base_llm.config.image_token_id,
             self.tokens_per_image,
         )
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        config = self.base_llm.config
-        features = self.base_llm.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-            return_dict=True,
-        ).pooler_output
+        if self.remote_code:
+            # vision tower at select_layer, pixel shuffle by downsample_ratio, mlp1
+            features = self.base_llm.extract_feature(pixel_values)
+        else:
+            features = self._hf_image_features(pixel_values)
         if features.shape[1] != self.tokens_per_image:
             raise ValueError(
                 f"image tiles of size {tuple(pixel_values.shape[-2:])} give "
@@ -347,13 +400,21 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
             )
         return features
 
+    def _hf_image_features(self, pixel_values: Tensor) -> Tensor:
+        config = self.base_llm.config
+        return self.base_llm.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+
     def vision_parameters(self) -> list[nn.Parameter]:
-        model = self.base_llm.model
-        return [*model.vision_tower.parameters(), *model.multi_modal_projector.parameters()]
+        return [*self._part("vision").parameters(), *self._part("projector").parameters()]
 
     def _attention_model(self) -> nn.Module:
         # Sequence parallel splits the text only: the vision tower keeps its own attention.
-        return self.base_llm.model.language_model
+        return self._part("language")
 
     # checkpoints -----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -383,6 +444,13 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
             fp32: keep fp32 weights (else bf16, or fp16 where bf16 is unsupported).
             save_pretrained_kwargs: passed to ``save_pretrained``.
         """
+        if self.remote_code:
+            raise NotImplementedError(
+                f"exporting a remote-code InternVL ({self.model_path}) to an HF checkpoint: "
+                "train from the checkpoint's -hf version (e.g. OpenGVLab/InternVL3-1B-hf) to "
+                "export, or keep the training checkpoint (iter_N.pth) and load it with "
+                "pretrained_pth"
+            )
         if any(is_partitioned(p) for p in self.parameters()):
             raise NotImplementedError(
                 "saving an InternVL model partitioned by ZeRO-3: convert the training "

@@ -152,7 +152,7 @@ class MultimodalFinetune(SupervisedFinetune):
         """
         splice = self.image_splice(data)
         features, anchor = self._image_features(data, splice)
-        embeds = splice.embed(data["input_ids"], self.base_llm.get_input_embeddings(), features)
+        embeds = splice.embed(data["input_ids"], self.causal_lm().get_input_embeddings(), features)
         if anchor is not None:
             embeds = embeds + anchor.to(embeds.dtype)
         batch = merge_batch(data, splice)

@@ -206,7 +206,8 @@ class SupervisedFinetune(BaseModel):
             return
         ids, positions = self._probe_tokens(PROBE_TOKENS)
         with _eval_mode(self.llm):
-            theirs = self.llm(input_ids=ids, position_ids=positions, use_cache=False).logits
+            theirs = self.causal_lm()(input_ids=ids, position_ids=positions, use_cache=False)
+            theirs = theirs.logits
             hidden = self.backbone()(input_ids=ids, position_ids=positions, use_cache=False)
             ours = head.logits(hidden.last_hidden_state)
         dtype = params[0].dtype
@@ -214,7 +215,7 @@ class SupervisedFinetune(BaseModel):
 
     def _probe_tokens(self, n: int) -> tuple[Tensor, Tensor]:
         """``[1, n]`` token ids and positions for a build-time probe."""
-        embedding = self.base_llm.get_input_embeddings()
+        embedding = self.causal_lm().get_input_embeddings()
         device = embedding.weight.device
         ids = (torch.arange(1, n + 1, device=device) % embedding.weight.shape[0])[None]
         return ids, torch.arange(n, device=device)[None]
@@ -280,9 +281,14 @@ class SupervisedFinetune(BaseModel):
         """The HF CausalLM under any peft wrapper."""
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
 
+    def causal_lm(self) -> nn.Module:
+        """The model that maps token ids or embeddings to logits (the base LLM; a
+        vision-language model whose language model is one of its parts returns that)."""
+        return self.base_llm
+
     def backbone(self) -> nn.Module:
         """The decoder that returns final hidden states (the CausalLM minus its head)."""
-        base = self.base_llm
+        base = self.causal_lm()
         return getattr(base, base.base_model_prefix, None) or base.get_decoder()
 
     def _attention_model(self) -> nn.Module:
@@ -291,7 +297,7 @@ class SupervisedFinetune(BaseModel):
 
     def output_head(self) -> OutputHead:
         """How the chunked loss computes this model's logits (the registered head adapter)."""
-        return build_output_head(self.base_llm)
+        return build_output_head(self.causal_lm())
 
     # forward -------------------------------------------------------------------------------
     def forward(self, data: dict, data_samples=None, mode: str = "loss"):
@@ -364,12 +370,12 @@ class SupervisedFinetune(BaseModel):
             inputs = {**inputs, **packed_flash_kwargs(kernel, inputs["position_ids"])}
         if self.head_mode == "model":
             # The model's own logits, all at once: exact for any head, not memory-saving.
-            out = self.base_llm(**inputs, use_cache=False)
+            out = self.causal_lm()(**inputs, use_cache=False)
             hidden, head = out.logits, None
         else:
             out = self.backbone()(**inputs, use_cache=False)
             hidden, head = out.last_hidden_state, self.output_head()
-        router = router_outputs(self.base_llm, out, router_mask)
+        router = router_outputs(self.causal_lm(), out, router_mask)
         if head is not None:
             # ZeRO-3 gathers a parameter around the forward (and backward) of the module it
             # is registered with; the loss reads the head's weight outside the head's
