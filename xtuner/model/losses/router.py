@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -40,28 +40,6 @@ from xtuner.parallel.sequence import get_sequence_parallel_world_size
 from xtuner.registry import LOSSES
 
 from .base import BaseLoss, LossContext, LossInputError, LossOutput, LossTerm
-
-
-@dataclass
-class RouterOutputs:
-    """What the router losses read.
-
-    Attributes:
-        logits: per MoE layer, ``[tokens, num_experts]`` router logits.
-        attention_mask: ``[B, S]`` padding mask of the tokens, or None (all count).
-        num_experts: experts per layer; ``top_k``: experts chosen per token.
-        aux_coef: the config's ``router_aux_loss_coef``.
-        balance_fn: the family's ``load_balancing_loss_func(logits, num_experts, top_k,
-            attention_mask)``.
-    """
-
-    logits: tuple[Tensor, ...]
-    attention_mask: Tensor | None
-    num_experts: int
-    top_k: int
-    aux_coef: float
-    balance_fn: Callable[..., Tensor]
-    scheme: BalanceScheme | None = None
 
 
 @dataclass
@@ -84,6 +62,29 @@ class BalanceScheme:
     per_layer: bool = False
     choose: Callable[[Tensor], Tensor] | None = None
     divide_by_top_k: bool = False
+
+
+@dataclass
+class RouterOutputs:
+    """What the router losses read.
+
+    Attributes:
+        logits: per MoE layer, ``[tokens, num_experts]`` router logits.
+        attention_mask: ``[B, S]`` padding mask of the tokens, or None (all count).
+        num_experts: experts per layer; ``top_k``: experts chosen per token.
+        aux_coef: the config's ``router_aux_loss_coef``.
+        balance_fn: the family's ``load_balancing_loss_func(logits, num_experts, top_k,
+            attention_mask)``.
+        scheme: how the statistics make the family's balance loss.
+    """
+
+    logits: tuple[Tensor, ...]
+    attention_mask: Tensor | None
+    num_experts: int
+    top_k: int
+    aux_coef: float
+    balance_fn: Callable[..., Tensor]
+    scheme: BalanceScheme = field(default_factory=BalanceScheme)
 
 
 def balance_function(model: nn.Module) -> Callable[..., Tensor] | None:
@@ -132,7 +133,8 @@ def router_outputs(
         top_k=int(model.num_experts_per_tok),
         aux_coef=float(getattr(model.config, "router_aux_loss_coef", 0.0)),
         balance_fn=balance_function(model),
-        scheme=model.router_balance_scheme() if hasattr(model, "router_balance_scheme") else None,
+        # the model's own scheme where it has one, else the Switch Transformer's
+        scheme=getattr(model, "router_balance_scheme", BalanceScheme)(),
     )
 
 
@@ -180,11 +182,11 @@ def balance_sums(router: RouterOutputs) -> Tensor:
     layer, the router probabilities per expert, the expert choices per expert and the number
     of unpadded tokens."""
     mask = _token_mask(router)
-    scheme = router.scheme or BalanceScheme()
+    choose = router.scheme.choose
     rows = []
     for layer in router.logits:
         p = torch.softmax(layer.float(), dim=-1)
-        chosen = (scheme.choose or (lambda q: torch.topk(q, router.top_k, dim=-1).indices))(p)
+        chosen = choose(p) if choose else torch.topk(p, router.top_k, dim=-1).indices
         counts = mask.new_zeros(router.num_experts).scatter_add(
             0, chosen.reshape(-1), mask.repeat_interleave(router.top_k)
         )
@@ -195,7 +197,7 @@ def balance_sums(router: RouterOutputs) -> Tensor:
 def balance_loss(sums: Tensor, router: RouterOutputs) -> Tensor:
     """``E * sum_e f_e * P_e`` from :func:`balance_sums` (Switch Transformer eq. 4), pooled
     over the layers or summed per layer as the family's :class:`BalanceScheme` says."""
-    scheme, e = router.scheme or BalanceScheme(), router.num_experts
+    scheme, e = router.scheme, router.num_experts
     if not scheme.per_layer:
         sums = sums.sum(0, keepdim=True)
     tokens = sums[:, -1:].clamp_min(1)
