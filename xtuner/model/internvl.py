@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -421,11 +420,7 @@ class InternVL_V1_5(MultimodalFinetune):  # noqa: N801 (the XTuner 0.x name)
         """Only what training changes (trainable weights: projector, adapters, unfrozen
         sides; the loss's own state), under the full key names."""
         state = BaseModel.state_dict(self, *args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
-        return OrderedDict(
-            (k, v) for k, v in state.items() if k in trainable or k.startswith(prefix + "loss.")
-        )
+        return self._trainable_entries(state, kwargs.get("prefix", ""), whole=("loss.",))
 
     def to_hf(
         self,

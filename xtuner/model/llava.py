@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import os.path as osp
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -322,17 +321,12 @@ class LLaVAModel(MultimodalFinetune):
         """Only what training changes, under the full key names: the projector, the adapters
         (LoRA), the whole LLM / vision encoder when they are trained in full, the loss."""
         state = BaseModel.state_dict(self, *args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
         whole = ["projector.", "loss."]
         if not self.use_llm_lora and not self.freeze_llm:
             whole.append("llm.")
         if not self.use_visual_encoder_lora and not self.freeze_visual_encoder:
             whole.append("visual_encoder.")
-        whole = tuple(prefix + p for p in whole)
-        return OrderedDict(
-            (k, v) for k, v in state.items() if k.startswith(whole) or k in trainable
-        )
+        return self._trainable_entries(state, kwargs.get("prefix", ""), tuple(whole))
 
     def to_hf(
         self,

@@ -427,9 +427,18 @@ class SupervisedFinetune(BaseModel):
         state = super().state_dict(*args, **kwargs)
         if not self.use_lora:
             return state
-        prefix = kwargs.get("prefix", "")
+        return self._trainable_entries(state, kwargs.get("prefix", ""))
+
+    def _trainable_entries(
+        self, state: dict, prefix: str, whole: tuple[str, ...] = ()
+    ) -> OrderedDict:
+        """The entries of ``state`` that are trainable parameters, and every entry under
+        one of the ``whole`` key prefixes (relative to ``prefix``)."""
         trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
-        return OrderedDict((k, v) for k, v in state.items() if k in trainable)
+        whole = tuple(prefix + w for w in whole)
+        return OrderedDict(
+            (k, v) for k, v in state.items() if k in trainable or k.startswith(whole)
+        )
 
     def to_hf(
         self,
