@@ -59,6 +59,9 @@ FAMILIES = {
     "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=1.5)),
     "cohere": ("CohereConfig", dict(logit_scale=0.3)),
     "granite": ("GraniteConfig", dict(logits_scaling=4.0)),
+    # transformers' own GLM and GLM-4 classes (the remote-code ChatGLM: test_chatglm.py).
+    "glm": ("GlmConfig", dict(head_dim=8)),
+    "glm4": ("Glm4Config", dict(head_dim=8)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, **MOE)),
     "qwen2_moe": (
         "Qwen2MoeConfig",

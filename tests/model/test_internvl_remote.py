@@ -6,14 +6,13 @@ that interface (``vision_model``, ``mlp1``, ``language_model``, ``extract_featur
 
 from __future__ import annotations
 
-import json
 import os.path as osp
-import textwrap
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.model.remote_code import write_remote_code
 from tests.model.test_internvl import LORA, build, check_sequence_parallel, grads, write_config
 from tests.tools.test_train_cli import losses_of, run_xtuner
 from xtuner.utils.constants import IGNORE_INDEX
@@ -109,15 +108,6 @@ def build_remote_internvl(folder: str, tokenizer_path: str) -> str:
     tokenizer.add_tokens(["<img>", "</img>", "<IMG_CONTEXT>"], special_tokens=True)
     tiny = tiny_internvl_config(len(tokenizer), 0)  # the -hf test model's sizes
     llm = Qwen2Config(**{**tiny.text_config.to_dict(), "bos_token_id": tokenizer.bos_token_id})
-    import os
-
-    os.makedirs(folder, exist_ok=True)
-    for name, code in (
-        ("configuration_internvl_chat.py", CONFIG_CODE),
-        ("modeling_internvl_chat.py", MODEL_CODE),
-    ):
-        with open(osp.join(folder, name), "w", encoding="utf-8") as f:
-            f.write(textwrap.dedent(code))
     config = {
         "model_type": "internvl_chat",
         "architectures": ["InternVLChatModel"],
@@ -131,8 +121,11 @@ def build_remote_internvl(folder: str, tokenizer_path: str) -> str:
         "select_layer": -1,
         "force_image_size": 32,
     }
-    with open(osp.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f)
+    code = {
+        "configuration_internvl_chat.py": CONFIG_CODE,
+        "modeling_internvl_chat.py": MODEL_CODE,
+    }
+    write_remote_code(folder, code, config)
     torch.manual_seed(0)
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     AutoModel.from_config(model_config, trust_remote_code=True).save_pretrained(folder)

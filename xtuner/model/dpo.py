@@ -179,6 +179,7 @@ class DPO(PreferenceFinetune):
         chunk = max((p.chunk_size for p in preference_losses(self.loss)), default=256)
         with self.reference() as (backbone, head):
             hidden = backbone(**inputs, use_cache=False).last_hidden_state
+            hidden = head.batch_first(hidden, inputs["position_ids"])
             with head.materialized() as (weight, bias):
                 sums, _, _ = sequence_logps(
                     hidden, weight, bias, labels, seq, n_seqs, chunk, head.transform

@@ -209,7 +209,7 @@ class SupervisedFinetune(BaseModel):
             theirs = self.causal_lm()(input_ids=ids, position_ids=positions, use_cache=False)
             theirs = theirs.logits
             hidden = self.backbone()(input_ids=ids, position_ids=positions, use_cache=False)
-            ours = head.logits(hidden.last_hidden_state)
+            ours = head.logits(head.batch_first(hidden.last_hidden_state, ids))
         dtype = params[0].dtype
         check_head_equivalence(type(self.base_llm).__name__, head.adapter, theirs, ours, dtype)
 
@@ -374,7 +374,8 @@ class SupervisedFinetune(BaseModel):
             hidden, head = out.logits, None
         else:
             out = self.backbone()(**inputs, use_cache=False)
-            hidden, head = out.last_hidden_state, self.output_head()
+            head = self.output_head()
+            hidden = head.batch_first(out.last_hidden_state, inputs["position_ids"])
         router = router_outputs(self.causal_lm(), out, router_mask)
         if head is not None:
             # ZeRO-3 gathers a parameter around the forward (and backward) of the module it

@@ -143,7 +143,7 @@ class KDLoss(TokenLoss):
             inputs["position_ids"] = batch["position_ids"]
         with torch.no_grad():
             out = self._teacher_backbone()(**inputs, use_cache=False)
-        return {self.teacher_key: out.last_hidden_state}
+        return {self.teacher_key: self.teacher_head.batch_first(out.last_hidden_state, ids)}
 
     def _text_teacher(self, ids: Tensor, position_ids: Tensor | None) -> Tensor:
         """The teacher's hidden states in the merged (multimodal) layout, from the text only.
@@ -171,6 +171,7 @@ class KDLoss(TokenLoss):
             out = self._teacher_backbone()(
                 input_ids=compact, position_ids=compact_pos, use_cache=False
             ).last_hidden_state
+        out = self.teacher_head.batch_first(out, compact)
         index = (count - 1).clamp_min(0)[..., None].expand(-1, -1, out.shape[-1])
         return out.gather(1, index)
 

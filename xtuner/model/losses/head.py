@@ -18,9 +18,8 @@ registered in :data:`xtuner.registry.HEAD_ADAPTERS` under a model class name, th
 module's class name, or a config ``model_type`` (looked up in that order; ``'default'``
 otherwise). A user registers one for a model of their own::
 
-    from xtuner.model.losses.head import OutputHead, linear_head
-    from xtuner.parallel.zero import is_partitioned
-from xtuner.registry import HEAD_ADAPTERS
+    from xtuner.model.losses.head import linear_head
+    from xtuner.registry import HEAD_ADAPTERS
 
     @HEAD_ADAPTERS.register_module(name="MyModelForCausalLM")
     def my_head(model):
@@ -28,11 +27,16 @@ from xtuner.registry import HEAD_ADAPTERS
 
 The model checks once at build that these logits equal its own (see
 :func:`check_head_equivalence`).
+
+The hidden states reach the head batch first (``[B, S, H]``, transformers' layout). A
+backbone that returns them sequence first (ChatGLM2/3's remote code: ``[S, B, H]``) is
+turned by :meth:`OutputHead.batch_first` when its adapter gives a :class:`HiddenLayout`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -97,6 +101,50 @@ class LogitTransform:
         return grad
 
 
+class HiddenLayout:
+    """Whether a backbone returns its hidden states batch first (``[B, S, H]``) or sequence
+    first (``[S, B, H]``), learned from the first output whose shape tells (``B != S``).
+
+    ChatGLM2/3's remote code is sequence first and GLM-4's batch first, under one
+    ``model_type``; what the backbone returns is the one thing that says which. The build-time
+    probe (one row of several tokens) settles it before training; under ZeRO-3, where the
+    probe cannot run, the first batch does.
+    """
+
+    def __init__(self) -> None:
+        self.sequence_first: bool | None = None
+
+    def __call__(self, hidden: Tensor, batch: int, seq: int) -> Tensor:
+        lead = tuple(hidden.shape[:2])
+        if batch != seq:
+            if lead not in ((batch, seq), (seq, batch)):
+                raise ValueError(
+                    f"the backbone returned hidden states of shape {tuple(hidden.shape)} for "
+                    f"{batch} rows of {seq} tokens: neither [B, S, H] nor [S, B, H]"
+                )
+            self.sequence_first = lead == (seq, batch)
+        elif self.sequence_first is None:
+            raise ValueError(
+                f"cannot tell whether the backbone's hidden states {tuple(hidden.shape)} are "
+                f"[B, S, H] or [S, B, H]: the first batch has as many rows as tokens ({batch}) "
+                "and the build-time probe did not run (ZeRO-3). Use a batch size other than "
+                "the sequence length, or loss=dict(..., head='model')."
+            )
+        return hidden.transpose(0, 1) if self.sequence_first else hidden
+
+
+#: one layout per model (the adapter is called for every micro-batch).
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, HiddenLayout] = weakref.WeakKeyDictionary()
+
+
+def hidden_layout(model: nn.Module) -> HiddenLayout:
+    """The :class:`HiddenLayout` of ``model``'s backbone, kept for the model's lifetime."""
+    layout = _LAYOUTS.get(model)
+    if layout is None:
+        layout = _LAYOUTS[model] = HiddenLayout()
+    return layout
+
+
 @dataclass
 class OutputHead:
     """One model's output head, as the chunked losses compute it.
@@ -107,6 +155,7 @@ class OutputHead:
         bias_fn: returns the bias ``[V]`` or None.
         transform: the logits' post-processing.
         adapter: the name of the adapter that made this head (for messages).
+        layout: how the backbone lays out its hidden states (None: batch first, always).
     """
 
     module: nn.Module
@@ -114,6 +163,14 @@ class OutputHead:
     bias_fn: Callable[[], Tensor | None]
     transform: LogitTransform = LogitTransform()
     adapter: str = "default"
+    layout: HiddenLayout | None = None
+
+    def batch_first(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """The backbone's final hidden states ``hidden`` as ``[B, S, H]``, for inputs whose
+        first two dimensions are ``tokens``' (``[B, S]``: ids or positions)."""
+        if self.layout is None:
+            return hidden
+        return self.layout(hidden, *tokens.shape[:2])
 
     @contextlib.contextmanager
     def materialized(self) -> Iterator[tuple[Tensor, Tensor | None]]:
@@ -194,6 +251,8 @@ def linear_head(
     softcap: float | None = None,
     normalize: bool = False,
     adapter: str = "default",
+    module: nn.Module | None = None,
+    layout: HiddenLayout | None = None,
 ) -> OutputHead:
     """The head of a model whose logits are ``T(h @ W.T + b)`` with its output embeddings.
 
@@ -203,8 +262,11 @@ def linear_head(
         softcap: soft cap of the scaled logits, or None.
         normalize: use ``W / ||W||_row`` (Baichuan2's NormHead) instead of ``W``.
         adapter: the adapter's name, for messages.
+        module: the head's linear layer, where ``get_output_embeddings()`` does not return
+            it (ChatGLM's ``transformer.output_layer``).
+        layout: the backbone's :class:`HiddenLayout` if it may be sequence first.
     """
-    module = resolve_head(model.get_output_embeddings())
+    module = resolve_head(model.get_output_embeddings() if module is None else module)
     _check_lora_head(module, type(module).__name__)
     base = module.get_base_layer() if _is_lora(module) else module
 
@@ -218,6 +280,7 @@ def linear_head(
         bias_fn=lambda: getattr(base, "bias", None),
         transform=LogitTransform(float(scale), None if softcap is None else float(softcap)),
         adapter=adapter,
+        layout=layout,
     )
 
 
@@ -247,16 +310,17 @@ def adapter_keys(model: nn.Module) -> list[str]:
 
 def build_output_head(model: nn.Module) -> OutputHead:
     """The :class:`OutputHead` of a causal LM, from the first matching registered adapter."""
-    if model.get_output_embeddings() is None:
-        raise ValueError(
-            f"{type(model).__name__} has no output head (get_output_embeddings() is None): "
-            "register a head adapter for it in xtuner.registry.HEAD_ADAPTERS, or set "
-            "loss=dict(..., head='model') to use the model's own logits"
-        )
     for key in adapter_keys(model):
         adapter = HEAD_ADAPTERS.module_dict.get(key)
         if adapter is not None:
             return adapter(model)
+    if model.get_output_embeddings() is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output head (get_output_embeddings() is None) and "
+            "no head adapter is registered for it: register one in "
+            "xtuner.registry.HEAD_ADAPTERS, or set loss=dict(..., head='model') to use the "
+            "model's own logits"
+        )
     return HEAD_ADAPTERS.module_dict["default"](model)
 
 
@@ -342,3 +406,18 @@ def minicpm_head(model: nn.Module) -> OutputHead:
 def norm_head(model: nn.Module) -> OutputHead:
     """Baichuan2's ``NormHead`` (remote code): logits with the rows of ``W`` normalised."""
     return linear_head(model, normalize=True, adapter="NormHead")
+
+
+@HEAD_ADAPTERS.register_module(name="chatglm")
+def chatglm_head(model: nn.Module) -> OutputHead:
+    """ChatGLM2/3 and GLM-4 (remote code, ``model_type='chatglm'``): the head is
+    ``transformer.output_layer`` (``get_output_embeddings()`` is None), and ChatGLM2/3's
+    backbone returns sequence-first hidden states (GLM-4's are batch first)."""
+    layer = getattr(getattr(model, "transformer", None), "output_layer", None)
+    if layer is None:
+        raise ValueError(
+            f"{type(model).__name__} has model_type 'chatglm' but no transformer.output_layer "
+            "(the ChatGLM head adapter reads it): register a head adapter for this model, or "
+            "set loss=dict(..., head='model') to use the model's own logits"
+        )
+    return linear_head(model, adapter="chatglm", module=layer, layout=hidden_layout(model))
