@@ -225,7 +225,9 @@ def _modules_after(code: str) -> dict:
     return __import__("json").loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+# A minute of imports in subprocesses; CI keeps test_plain_train_does_not_import_deepspeed
+# and test_unpatched_model_unwrapping_imports_deepspeed, make test-all runs this one too.
+@pytest.mark.slow_all
 def test_runner_defers_deepspeed_and_bitsandbytes_until_used():
     """mmengine imports both with every runner import; with the fix each comes when used."""
     pytest.importorskip("deepspeed")

@@ -110,7 +110,11 @@ def layout(tmp_path, demo_assets):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module_in", ["config_dir", "cwd"])
+@pytest.mark.parametrize(
+    "module_in",
+    # One layout in CI (each runs every tool); make test-all runs both.
+    [pytest.param("config_dir", marks=pytest.mark.slow_all), "cwd"],
+)
 def test_every_tool_finds_the_user_module(layout, module_in):
     root, data, assets = layout
     config_dir, elsewhere = root / "config_dir", root / "elsewhere"
