@@ -14,12 +14,14 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from tests.model.chatglm_remote import build_chatglm
+from tests.model.test_dpo import batch_of, make_pairs
 from tests.model.test_families import assert_equals_hf, naive_focal, total
 from tests.tools.test_config_matrix import LORA, QUANT_4BIT
 from tests.tools.test_train_cli import losses_of, run_xtuner, write_config
 from xtuner.model import SupervisedFinetune
 from xtuner.model.losses import HeadMismatchError
 from xtuner.model.losses.head import HiddenLayout, linear_head
+from xtuner.model.reward import RewardModel
 from xtuner.registry import HEAD_ADAPTERS
 
 LAYOUTS = {"chatglm3_sequence_first": False, "glm4_batch_first": True}
@@ -112,6 +114,25 @@ def test_an_adapter_that_ignores_the_layout_is_caught_by_the_probe(chatglm_paths
         loss=dict(type="CrossEntropyLoss", head="model"),
     )
     assert_equals_hf(model, glm_batch())
+
+
+def test_reward_model_on_chatglm_scores_as_in_the_batch_first_layout(chatglm_paths):
+    """Both stand-ins hold the same weights: a reward model scores alike on either layout, and
+    equals the value head on the backbone's own (batch-first) hidden states."""
+    data = batch_of(make_pairs(reward_token=7), "padded")
+    scores, losses = [], []
+    for layout in LAYOUTS:
+        model = RewardModel(load(chatglm_paths[layout]), use_activation_checkpointing=False)
+        with torch.no_grad():
+            model.v_head.weight.copy_(torch.linspace(-1, 1, model.v_head.weight.numel()))
+        scores.append(model(data, mode="tensor"))
+        losses.append(model(data)["loss_rank"])
+    glm4 = model.llm.transformer(
+        input_ids=data["input_ids"], attention_mask=data["attention_mask"]
+    ).last_hidden_state
+    torch.testing.assert_close(scores[1], model.v_head(glm4).squeeze(-1))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
 
 
 def test_varlen_attention_is_refused_for_chatglm(chatglm_paths):

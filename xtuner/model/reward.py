@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from xtuner.registry import BUILDER
 from xtuner.utils.constants import IGNORE_INDEX
 
-from .losses import OutputHead, compute_weights
+from .losses import OutputHead, build_output_head, compute_weights
 from .losses.preference import REWARD_LOSS_TYPES
 from .preference import PreferenceFinetune
 
@@ -76,12 +76,19 @@ class RewardModel(PreferenceFinetune):
             lm_head.requires_grad_(False)
 
     def output_head(self) -> OutputHead:
-        """The scalar value head (``[1, D]``), in the form the loss path reads heads."""
+        """The scalar value head (``[1, D]``), in the form the loss path reads heads, with the
+        backbone's hidden-state layout from the language model's head adapter (ChatGLM2/3's
+        backbone is sequence first)."""
+        try:
+            layout = build_output_head(self.base_llm).layout
+        except ValueError:  # a bare decoder (AutoModel, no head): transformers' layout
+            layout = None
         return OutputHead(
             module=self.v_head,
             weight_fn=lambda: self.v_head.weight,
             bias_fn=lambda: self.v_head.bias,
             adapter="reward value head",
+            layout=layout,
         )
 
     def _probe_head(self) -> None:
@@ -90,9 +97,12 @@ class RewardModel(PreferenceFinetune):
         runs the probe)."""
 
     def backbone(self) -> nn.Module:
-        # ``AutoModel`` (as XTuner 0.x's POLAR configs build it) is the decoder itself.
-        if self.base_llm.get_output_embeddings() is None:
-            return self.base_llm
+        # ``AutoModel`` (as XTuner 0.x's POLAR configs build it) is the decoder itself; a causal
+        # LM holds it under its base_model_prefix (ChatGLM's, although its head is not
+        # what get_output_embeddings() returns).
+        base = self.base_llm
+        if base.get_output_embeddings() is None and not hasattr(base, base.base_model_prefix):
+            return base
         return super().backbone()
 
     def _targets(self, data: dict, position_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -115,6 +125,7 @@ class RewardModel(PreferenceFinetune):
         if mode in ("predict", "tensor"):
             inputs = self._attention_inputs(data)
             hidden = self.backbone()(**inputs, use_cache=False).last_hidden_state
+            hidden = self.output_head().batch_first(hidden, inputs["position_ids"])
             scores = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
             return [{"scores": row} for row in scores] if mode == "predict" else scores
         return super().forward(data, data_samples, mode)
