@@ -10,7 +10,9 @@ GPU runs, with whatever wheels are installed:
    (bf16), its HF export loads;
 4. ``flash-attn``: two packed rows (position ids restarting at 0, ``use_varlen_attn=True``)
    on flash-attention 2 equal each document run alone: per-document loss, then the loss and
-   every gradient of SupervisedFinetune; ``autocast-bf16``: under ``torch.autocast`` (bf16)
+   every gradient of SupervisedFinetune; ``flex-attn``: the same on flex-attention (torch's
+   FlexAttention, compiled; the model built on the GPU, so the build-time probes run on
+   flex too); ``autocast-bf16``: under ``torch.autocast`` (bf16)
    with float32 master weights, the head's GEMMs run in bf16 (recorded with a dispatch mode)
    and the loss stays within 2e-2 of the float32 loss;
 5. ``liger``/``cce``: ``CrossEntropyLoss(backend='liger'|'cce')`` against the chunked loss on
@@ -156,7 +158,8 @@ def packed_equals_separate(path: str, device: str, attn: str, dtype_name: str) -
     alone: the per-document loss from the model's own logits, then SupervisedFinetune's
     loss and every gradient. Returns the largest relative difference (to each tensor's
     largest entry). ``attn='sdpa'`` on the CPU is what the tests run; the GPU check runs
-    flash-attention 2, whose packed path needs the document boundaries of every row."""
+    flash-attention 2, whose packed path needs the document boundaries of every row, and
+    flex-attention (a BlockMask from the position ids; no backward on the CPU)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -205,14 +208,23 @@ def packed_equals_separate(path: str, device: str, attn: str, dtype_name: str) -
     return worst
 
 
-def check_flash_attn(tmp: str) -> str:
-    _need("flash_attn", "flash-attn")
-    err = packed_equals_separate(_tiny_model_path(tmp), "cuda", "flash_attention_2", "bfloat16")
+def _check_packed(tmp: str, attn: str) -> str:
+    err = packed_equals_separate(_tiny_model_path(tmp), "cuda", attn, "bfloat16")
     if err > 3e-2:
         raise RuntimeError(f"packed and separate documents differ: relative error {err:.2e}")
     return (
         f"batch 2, 5 documents packed = separate: loss and every gradient within {err:.1e} (bf16)"
     )
+
+
+def check_flash_attn(tmp: str) -> str:
+    _need("flash_attn", "flash-attn")
+    return _check_packed(tmp, "flash_attention_2")
+
+
+def check_flex_attn(tmp: str) -> str:
+    _need("torch.nn.attention.flex_attention", "torch>=2.5")
+    return _check_packed(tmp, "flex_attention")
 
 
 def autocast_head_gemms(path: str, device: str) -> tuple[set, float]:
@@ -320,6 +332,7 @@ CHECKS: dict[str, Callable[[str], str]] = {
     "zero2": check_zero2,
     "zero3": check_zero3,
     "flash-attn": check_flash_attn,
+    "flex-attn": check_flex_attn,
     "autocast-bf16": check_autocast_bf16,
     "liger": check_liger,
     "cce": check_cce,

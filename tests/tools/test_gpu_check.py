@@ -1,6 +1,7 @@
 """tools/gpu_check.py on a machine without CUDA: it says so and exits 0; its table and its
 handling of skipped and failing checks; the bodies of the flash-attention and autocast
-checks run on the CPU (sdpa, CPU autocast), so the GPU session runs tested code."""
+checks run on the CPU (sdpa, CPU autocast; flex-attention up to its backward, which torch
+has only on the GPU), so the GPU session runs tested code."""
 
 from __future__ import annotations
 
@@ -51,6 +52,28 @@ def test_checks_are_skipped_failed_or_ok_and_tabulated(monkeypatch, tmp_path):
 def test_packed_check_body_on_the_cpu(tiny_llama_path):
     err = gpu_check.packed_equals_separate(tiny_llama_path, "cpu", "sdpa", "float32")
     assert err < 1e-4
+
+
+def test_flex_check_body_on_the_cpu_runs_up_to_the_backward(tiny_llama_path, uncompiled_flex):
+    """The flex check's body on the CPU: built, the documents compared without gradients on
+    flex (uncompiled, see the fixture), then the training step is refused (no CPU backward)."""
+    with pytest.raises(ValueError, match="'flex_attention', which cannot train on the CPU"):
+        gpu_check.packed_equals_separate(tiny_llama_path, "cpu", "flex_attention", "float32")
+    assert uncompiled_flex
+
+
+def test_flex_check_is_skipped_without_flex_attention(monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+
+    def without_flex(name, *args):
+        return None if name == "torch.nn.attention.flex_attention" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_flex)
+    (result,) = gpu_check.run_checks(["flex-attn"], str(tmp_path))
+    assert (result.status, result.detail) == (
+        "skipped",
+        "needs torch>=2.5 (pip install torch>=2.5)",
+    )
 
 
 def test_autocast_check_body_on_the_cpu(tiny_llama_path):
