@@ -22,7 +22,7 @@ def flex_model(family: str, **kwargs) -> SupervisedFinetune:
     return SupervisedFinetune(llm, use_activation_checkpointing=False, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2_tied", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2_tied", "mistral", "gemma2"])
 def test_flex_packed_documents_equal_each_document_alone(family, uncompiled_flex):
     """Two packed rows of two documents each (batch 2) on flex-attention, no gradients (torch
     has no CPU backward for flex): the per-document loss of SupervisedFinetune (labels on one
