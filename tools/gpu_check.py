@@ -18,7 +18,9 @@ GPU runs, with whatever wheels are installed:
 5. ``liger``/``cce``: ``CrossEntropyLoss(backend='liger'|'cce')`` against the chunked loss on
    the same model and batch: loss value and every gradient;
 6. ``bench-loss``: the benchmark's GPU point (8192 tokens x 151936 vocabulary x 2048 hidden,
-   bf16) for the CE methods.
+   bf16) for the CE methods; ``bench-packed``: one training step on packed rows of 4096 and
+   16384 tokens with sdpa's dense document mask, flex-attention and flash-attention varlen
+   (``benchmarks/bench_packed_attention.py``).
 
 A check whose package is missing is ``skipped`` with the package named. Without CUDA
 nothing runs: the script says so and exits 0 (CI never depends on it). Paste the table into
@@ -310,11 +312,10 @@ def check_cce(tmp: str) -> str:
     return _check_kernel(tmp, "cce", "cut_cross_entropy", "cut-cross-entropy")
 
 
-def check_bench_loss(tmp: str) -> str:
-    out_file = osp.join(tmp, "bench_loss.md")
-    cmd = [sys.executable, osp.join(ROOT, "benchmarks", "bench_loss.py"), "--device", "cuda",
-           "--tokens", "8192", "--vocab", "151936", "--hidden", "2048", "--dtype", "bf16",
-           "--methods", "hf", "ce_chunked", "ce_liger", "ce_cce", "--out", out_file]  # fmt: skip
+def _benchmark(tmp: str, script: str, *args: str) -> str:
+    """Runs ``benchmarks/<script> --out FILE args`` and returns its table."""
+    out_file = osp.join(tmp, script.replace(".py", ".md"))
+    cmd = [sys.executable, osp.join(ROOT, "benchmarks", script), *args, "--out", out_file]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     )
@@ -324,6 +325,16 @@ def check_bench_loss(tmp: str) -> str:
     with open(out_file, encoding="utf-8") as f:
         table = f.read().strip()
     return "see below\n\n" + table
+
+
+def check_bench_loss(tmp: str) -> str:
+    return _benchmark(tmp, "bench_loss.py", "--device", "cuda", "--tokens", "8192",
+                      "--vocab", "151936", "--hidden", "2048", "--dtype", "bf16",
+                      "--methods", "hf", "ce_chunked", "ce_liger", "ce_cce")  # fmt: skip
+
+
+def check_bench_packed(tmp: str) -> str:
+    return _benchmark(tmp, "bench_packed_attention.py", "--tokens", "4096", "16384")
 
 
 CHECKS: dict[str, Callable[[str], str]] = {
@@ -337,6 +348,7 @@ CHECKS: dict[str, Callable[[str], str]] = {
     "liger": check_liger,
     "cce": check_cce,
     "bench-loss": check_bench_loss,
+    "bench-packed": check_bench_packed,
 }
 
 

@@ -29,6 +29,18 @@ def test_without_cuda_it_reports_and_exits_0():
     assert "no CUDA device here" in out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: it would run")
+def test_packed_attention_benchmark_without_cuda_says_so(capsys):
+    path = osp.join(osp.dirname(osp.dirname(SCRIPT)), "benchmarks", "bench_packed_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_packed_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([]) == 0
+    assert "no CUDA device here" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # flex has no CPU backward
+        bench.main(["--device", "cpu"])
+
+
 def test_checks_are_skipped_failed_or_ok_and_tabulated(monkeypatch, tmp_path):
     def missing(tmp):
         gpu_check._need("no_such_module_xyz", "no-such-wheel")
