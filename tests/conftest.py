@@ -60,3 +60,38 @@ def chat_model_path(demo_assets, tmp_path_factory) -> str:
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def uncompiled_flex(monkeypatch):
+    """transformers' flex path with torch's flex_attention and create_block_mask uncompiled:
+    the same BlockMask and the same mathematics (torch's reference implementation) without
+    the CPU compile (15-30 s per shape), whose torch 2.13 CPU kernel is also wrong at some
+    lengths (8 tokens with a causal mask); the compiled kernel is the GPU check's. Returns
+    the masks flex received."""
+    import warnings
+
+    import transformers.integrations.flex_attention as flex_integration
+    import transformers.masking_utils as masking_utils
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def flex(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    def block_mask(*args, _compile=False, **kwargs):
+        return create_block_mask(*args, **kwargs)
+
+    monkeypatch.setattr(flex_integration, "compile_friendly_flex_attention", flex)
+    monkeypatch.setattr(masking_utils, "create_block_mask", block_mask)
+    masks = []
+    kernel = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+
+    def recording_flex(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return kernel(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", recording_flex)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        yield masks

@@ -10,13 +10,17 @@ GPU runs, with whatever wheels are installed:
    (bf16), its HF export loads;
 4. ``flash-attn``: two packed rows (position ids restarting at 0, ``use_varlen_attn=True``)
    on flash-attention 2 equal each document run alone: per-document loss, then the loss and
-   every gradient of SupervisedFinetune; ``autocast-bf16``: under ``torch.autocast`` (bf16)
+   every gradient of SupervisedFinetune; ``flex-attn``: the same on flex-attention (torch's
+   FlexAttention, compiled; the model built on the GPU, so the build-time probes run on
+   flex too); ``autocast-bf16``: under ``torch.autocast`` (bf16)
    with float32 master weights, the head's GEMMs run in bf16 (recorded with a dispatch mode)
    and the loss stays within 2e-2 of the float32 loss;
 5. ``liger``/``cce``: ``CrossEntropyLoss(backend='liger'|'cce')`` against the chunked loss on
    the same model and batch: loss value and every gradient;
 6. ``bench-loss``: the benchmark's GPU point (8192 tokens x 151936 vocabulary x 2048 hidden,
-   bf16) for the CE methods.
+   bf16) for the CE methods; ``bench-packed``: one training step on packed rows of 4096 and
+   16384 tokens with sdpa's dense document mask, flex-attention and flash-attention varlen
+   (``benchmarks/bench_packed_attention.py``).
 
 A check whose package is missing is ``skipped`` with the package named. Without CUDA
 nothing runs: the script says so and exits 0 (CI never depends on it). Paste the table into
@@ -156,7 +160,8 @@ def packed_equals_separate(path: str, device: str, attn: str, dtype_name: str) -
     alone: the per-document loss from the model's own logits, then SupervisedFinetune's
     loss and every gradient. Returns the largest relative difference (to each tensor's
     largest entry). ``attn='sdpa'`` on the CPU is what the tests run; the GPU check runs
-    flash-attention 2, whose packed path needs the document boundaries of every row."""
+    flash-attention 2, whose packed path needs the document boundaries of every row, and
+    flex-attention (a BlockMask from the position ids; no backward on the CPU)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -205,14 +210,23 @@ def packed_equals_separate(path: str, device: str, attn: str, dtype_name: str) -
     return worst
 
 
-def check_flash_attn(tmp: str) -> str:
-    _need("flash_attn", "flash-attn")
-    err = packed_equals_separate(_tiny_model_path(tmp), "cuda", "flash_attention_2", "bfloat16")
+def _check_packed(tmp: str, attn: str) -> str:
+    err = packed_equals_separate(_tiny_model_path(tmp), "cuda", attn, "bfloat16")
     if err > 3e-2:
         raise RuntimeError(f"packed and separate documents differ: relative error {err:.2e}")
     return (
         f"batch 2, 5 documents packed = separate: loss and every gradient within {err:.1e} (bf16)"
     )
+
+
+def check_flash_attn(tmp: str) -> str:
+    _need("flash_attn", "flash-attn")
+    return _check_packed(tmp, "flash_attention_2")
+
+
+def check_flex_attn(tmp: str) -> str:
+    _need("torch.nn.attention.flex_attention", "torch>=2.5")
+    return _check_packed(tmp, "flex_attention")
 
 
 def autocast_head_gemms(path: str, device: str) -> tuple[set, float]:
@@ -298,11 +312,10 @@ def check_cce(tmp: str) -> str:
     return _check_kernel(tmp, "cce", "cut_cross_entropy", "cut-cross-entropy")
 
 
-def check_bench_loss(tmp: str) -> str:
-    out_file = osp.join(tmp, "bench_loss.md")
-    cmd = [sys.executable, osp.join(ROOT, "benchmarks", "bench_loss.py"), "--device", "cuda",
-           "--tokens", "8192", "--vocab", "151936", "--hidden", "2048", "--dtype", "bf16",
-           "--methods", "hf", "ce_chunked", "ce_liger", "ce_cce", "--out", out_file]  # fmt: skip
+def _benchmark(tmp: str, script: str, *args: str) -> str:
+    """Runs ``benchmarks/<script> --out FILE args`` and returns its table."""
+    out_file = osp.join(tmp, script.replace(".py", ".md"))
+    cmd = [sys.executable, osp.join(ROOT, "benchmarks", script), *args, "--out", out_file]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     )
@@ -314,16 +327,28 @@ def check_bench_loss(tmp: str) -> str:
     return "see below\n\n" + table
 
 
+def check_bench_loss(tmp: str) -> str:
+    return _benchmark(tmp, "bench_loss.py", "--device", "cuda", "--tokens", "8192",
+                      "--vocab", "151936", "--hidden", "2048", "--dtype", "bf16",
+                      "--methods", "hf", "ce_chunked", "ce_liger", "ce_cce")  # fmt: skip
+
+
+def check_bench_packed(tmp: str) -> str:
+    return _benchmark(tmp, "bench_packed_attention.py", "--tokens", "4096", "16384")
+
+
 CHECKS: dict[str, Callable[[str], str]] = {
     "demo-bf16": check_demo_bf16,
     "qlora": check_qlora,
     "zero2": check_zero2,
     "zero3": check_zero3,
     "flash-attn": check_flash_attn,
+    "flex-attn": check_flex_attn,
     "autocast-bf16": check_autocast_bf16,
     "liger": check_liger,
     "cce": check_cce,
     "bench-loss": check_bench_loss,
+    "bench-packed": check_bench_packed,
 }
 
 

@@ -1,6 +1,7 @@
 """tools/gpu_check.py on a machine without CUDA: it says so and exits 0; its table and its
 handling of skipped and failing checks; the bodies of the flash-attention and autocast
-checks run on the CPU (sdpa, CPU autocast), so the GPU session runs tested code."""
+checks run on the CPU (sdpa, CPU autocast; flex-attention up to its backward, which torch
+has only on the GPU), so the GPU session runs tested code."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def test_without_cuda_it_reports_and_exits_0():
     assert "no CUDA device here" in out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: it would run")
+def test_packed_attention_benchmark_without_cuda_says_so(capsys):
+    path = osp.join(osp.dirname(osp.dirname(SCRIPT)), "benchmarks", "bench_packed_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_packed_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([]) == 0
+    assert "no CUDA device here" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # flex has no CPU backward
+        bench.main(["--device", "cpu"])
+
+
 def test_checks_are_skipped_failed_or_ok_and_tabulated(monkeypatch, tmp_path):
     def missing(tmp):
         gpu_check._need("no_such_module_xyz", "no-such-wheel")
@@ -51,6 +64,28 @@ def test_checks_are_skipped_failed_or_ok_and_tabulated(monkeypatch, tmp_path):
 def test_packed_check_body_on_the_cpu(tiny_llama_path):
     err = gpu_check.packed_equals_separate(tiny_llama_path, "cpu", "sdpa", "float32")
     assert err < 1e-4
+
+
+def test_flex_check_body_on_the_cpu_runs_up_to_the_backward(tiny_llama_path, uncompiled_flex):
+    """The flex check's body on the CPU: built, the documents compared without gradients on
+    flex (uncompiled, see the fixture), then the training step is refused (no CPU backward)."""
+    with pytest.raises(ValueError, match="'flex_attention', which cannot train on the CPU"):
+        gpu_check.packed_equals_separate(tiny_llama_path, "cpu", "flex_attention", "float32")
+    assert uncompiled_flex
+
+
+def test_flex_check_is_skipped_without_flex_attention(monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+
+    def without_flex(name, *args):
+        return None if name == "torch.nn.attention.flex_attention" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_flex)
+    (result,) = gpu_check.run_checks(["flex-attn"], str(tmp_path))
+    assert (result.status, result.detail) == (
+        "skipped",
+        "needs torch>=2.5 (pip install torch>=2.5)",
+    )
 
 
 def test_autocast_check_body_on_the_cpu(tiny_llama_path):

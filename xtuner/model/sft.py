@@ -42,7 +42,11 @@ from .losses.router import (
     router_outputs,
     wants_router_logits,
 )
-from .modules.packed_attention import packed_flash_kwargs
+from .modules.packed_attention import (
+    check_trainable_attention,
+    packed_flash_kwargs,
+    probe_attention,
+)
 from .utils import LoadWoInit, build_nested, find_all_linear_names, prepare_llm_config
 
 #: tokens the build-time head probe runs through the model (cheap; no gradient).
@@ -205,7 +209,7 @@ class SupervisedFinetune(BaseModel):
         if not params or any(values_elsewhere(p) for p in params):
             return
         ids, positions = self._probe_tokens(PROBE_TOKENS)
-        with _eval_mode(self.llm):
+        with _eval_mode(self.llm), probe_attention(self.base_llm):
             theirs = self.causal_lm()(input_ids=ids, position_ids=positions, use_cache=False)
             theirs = theirs.logits
             hidden = self.backbone()(input_ids=ids, position_ids=positions, use_cache=False)
@@ -230,7 +234,7 @@ class SupervisedFinetune(BaseModel):
             return
         ids, positions = self._probe_tokens(2 * PROBE_TOKENS)
         packed_positions = (positions % PROBE_TOKENS).clone()
-        with _eval_mode(self.llm):
+        with _eval_mode(self.llm), probe_attention(self.base_llm):
             packed = self.llm(input_ids=ids, position_ids=packed_positions, use_cache=False)
             alone = self.llm(
                 input_ids=ids[:, PROBE_TOKENS:],
@@ -351,6 +355,7 @@ class SupervisedFinetune(BaseModel):
         Returns:
             Named loss terms and metrics (see :func:`~xtuner.model.losses.finalize_loss`).
         """
+        check_trainable_attention(self.causal_lm(), inputs)
         labels, weights = self._targets(data, inputs["position_ids"])
         extras = self.loss.extra_inputs(data, labels)
         router_mask = inputs.get("attention_mask")
