@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.model.chatglm_remote import build_chatglm
@@ -162,7 +162,10 @@ def test_hidden_layout_learns_from_shapes_and_refuses_to_guess():
 def test_upstream_style_chatglm_qlora_config_trains(chatglm_paths, demo_assets, tmp_path):
     """An XTuner 0.x ChatGLM3 QLoRA config (remote code, 4-bit, upstream's LoRA), by
     ``xtuner train``: it builds (the probe passes), trains with finite losses, and the
-    gradient reaches the adapters (LoRA's B matrices start at zero and move)."""
+    gradient reaches the adapters (LoRA's B matrices start at zero and move). Then the user's
+    next steps: ``convert pth_to_hf`` writes the adapter, ``convert merge`` asks for
+    ``--trust-remote-code`` and with it writes a model whose logits are the base model's with
+    the adapter applied (peft's own forward)."""
     assets = {"model": chatglm_paths["chatglm3_sequence_first"], "data": demo_assets["data"]}
     config = write_config(
         tmp_path,
@@ -184,3 +187,19 @@ def test_upstream_style_chatglm_qlora_config_trains(chatglm_paths, demo_assets, 
         "output_layer" in k for k in state
     )
     assert all(float(v.abs().max()) > 0 for v in lora_b.values())
+
+    adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
+    out = run_xtuner("convert", "pth_to_hf", config, str(work / "iter_4.pth"), adapter)
+    assert out.returncode == 0, out.stderr[-3000:]
+    base_path = assets["model"]
+    out = run_xtuner("convert", "merge", base_path, adapter, merged)
+    assert out.returncode != 0 and "add --trust-remote-code" in out.stderr, out.stderr[-2000:]
+    out = run_xtuner("convert", "merge", base_path, adapter, merged, "--trust-remote-code")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ids = glm_batch()["input_ids"]
+    with torch.no_grad():
+        ours = load(merged)(input_ids=ids).logits
+        with_adapter = PeftModel.from_pretrained(load(base_path), adapter)(input_ids=ids).logits
+        base = load(base_path)(input_ids=ids).logits
+    torch.testing.assert_close(ours, with_adapter, rtol=1e-4, atol=1e-5)
+    assert float((ours - base).abs().max()) > 1e-4  # the adapter is in the merged weights

@@ -3,7 +3,8 @@
 ``--is-clip`` merges a vision-encoder adapter (the ``visual_encoder_adapter`` folder a LLaVA
 ``pth_to_hf`` writes) into its CLIP vision model, and copies the image processor along.
 ``--device`` says where the merge runs (``cpu``, ``cuda``, or ``auto`` to spread a big model
-over the GPUs).
+over the GPUs). ``--trust-remote-code`` runs the code a remote-code base model ships
+(ChatGLM, InternLM2, Baichuan2, ...), which transformers does not run unasked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--is-clip", action="store_true", help="BASE is a CLIP vision model")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--safe-serialization", action="store_true", default=True)
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the modelling (and tokenizer) code that BASE ships (remote-code models)",
+    )
 
     def body() -> int:
         # Arguments first: a mistyped flag is reported before torch loads.
@@ -39,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from transformers import AutoModelForCausalLM as Model
             from transformers import AutoTokenizer as Processor
-        model = Model.from_pretrained(args.base, **load)
+        trust = {"trust_remote_code": True} if args.trust_remote_code else {}
+        try:
+            model = Model.from_pretrained(args.base, **load, **trust)
+        except ValueError as err:
+            if args.trust_remote_code or "trust_remote_code" not in str(err):
+                raise
+            raise UserError(
+                f"{args.base} is a remote-code model (its folder ships the modelling code): "
+                "add --trust-remote-code to run that code, after reading it"
+            ) from None
         merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
         merged.save_pretrained(
             args.save_dir,
@@ -48,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for source in (args.adapter, args.base):
             try:
-                Processor.from_pretrained(source).save_pretrained(args.save_dir)
+                Processor.from_pretrained(source, **trust).save_pretrained(args.save_dir)
                 break
             except (OSError, ValueError):
                 continue
