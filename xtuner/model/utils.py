@@ -138,8 +138,8 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
         cls = type(module).__name__
         if isinstance(module, nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
             names.add(name.split(".")[-1])
-    # The heads of remote-code families that get_output_embeddings() does not return
-    # (InternLM2's ``output``, ChatGLM's ``transformer.output_layer``).
+    # Heads by name too: InternLM2's ``output``, and ChatGLM's ``transformer.output_layer``,
+    # which get_output_embeddings() does not return.
     names.difference_update(("lm_head", "output", "output_layer"))
     return sorted(names)
 
