@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from xtuner.registry import BUILDER
 from xtuner.utils.constants import IGNORE_INDEX
 
-from .losses import OutputHead, build_output_head, compute_weights
+from .losses import OutputHead, compute_weights
+from .losses.head import backbone_layout
 from .losses.preference import REWARD_LOSS_TYPES
 from .preference import PreferenceFinetune
 
@@ -77,18 +78,13 @@ class RewardModel(PreferenceFinetune):
 
     def output_head(self) -> OutputHead:
         """The scalar value head (``[1, D]``), in the form the loss path reads heads, with the
-        backbone's hidden-state layout from the language model's head adapter (ChatGLM2/3's
-        backbone is sequence first)."""
-        try:
-            layout = build_output_head(self.base_llm).layout
-        except ValueError:  # a bare decoder (AutoModel, no head): transformers' layout
-            layout = None
+        backbone's hidden-state layout (ChatGLM2/3's backbone is sequence first)."""
         return OutputHead(
             module=self.v_head,
             weight_fn=lambda: self.v_head.weight,
             bias_fn=lambda: self.v_head.bias,
             adapter="reward value head",
-            layout=layout,
+            layout=backbone_layout(self.base_llm),
         )
 
     def _probe_head(self) -> None:

@@ -137,12 +137,24 @@ class HiddenLayout:
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, HiddenLayout] = weakref.WeakKeyDictionary()
 
 
+#: config ``model_type`` values whose (remote-code) backbone may return sequence-first states.
+SEQUENCE_FIRST_MODEL_TYPES = ("chatglm",)
+
+
 def hidden_layout(model: nn.Module) -> HiddenLayout:
     """The :class:`HiddenLayout` of ``model``'s backbone, kept for the model's lifetime."""
     layout = _LAYOUTS.get(model)
     if layout is None:
         layout = _LAYOUTS[model] = HiddenLayout()
     return layout
+
+
+def backbone_layout(model: nn.Module) -> HiddenLayout | None:
+    """The :class:`HiddenLayout` of a model whose backbone may be sequence first (ChatGLM2/3),
+    or None for a batch-first one (transformers' layout): for heads other than the language
+    model's (a reward model's value head) that read the same hidden states."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return hidden_layout(model) if model_type in SEQUENCE_FIRST_MODEL_TYPES else None
 
 
 @dataclass
